@@ -1,0 +1,125 @@
+"""CloudEvents 1.0 over Kafka, binary content mode: the kit's wire format.
+
+A message's key is the event key (UTF-8), its value is the event data as
+stored by `publish` (JSON, or raw bytes), and its headers carry the
+attributes: `ce_specversion`, `ce_id`, `ce_source`, `ce_type`, `ce_time`,
+`content-type`, then the user's own headers. Any CloudEvents SDK, in any
+language, reads these messages; `decode` is the kit's own reader.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from outbox.errors import MalformedMessageError
+from outbox.event import Event, decode_data
+
+SPEC_VERSION = "1.0"
+Headers = list[tuple[str, bytes]]
+
+
+def encode_headers(
+    *,
+    event_id: uuid.UUID,
+    type: str,
+    source: str,
+    time: datetime,
+    content_type: str,
+    headers: Mapping[str, str],
+) -> Headers:
+    """The Kafka headers of one event, CloudEvents attributes first."""
+    encoded: Headers = [
+        ("ce_specversion", SPEC_VERSION.encode()),
+        ("ce_id", str(event_id).encode()),
+        ("ce_source", source.encode()),
+        ("ce_type", type.encode()),
+        ("ce_time", format_time(time).encode()),
+        ("content-type", content_type.encode()),
+    ]
+    encoded.extend((name, value.encode()) for name, value in headers.items())
+    return encoded
+
+
+def format_time(time: datetime) -> str:
+    """RFC 3339 in UTC with microseconds, as CloudEvents asks."""
+    return time.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def decode(
+    *,
+    topic: str,
+    partition: int,
+    offset: int,
+    key: bytes | None,
+    value: bytes | None,
+    headers: Iterable[tuple[str, bytes]] | None,
+) -> Event:
+    """Read one Kafka message as an `Event`; raises `MalformedMessageError`."""
+    attributes: dict[str, str] = {}
+    user_headers: dict[str, str] = {}
+    for name, raw in headers or ():
+        try:
+            text = raw.decode() if raw is not None else ""
+        except UnicodeDecodeError:
+            raise MalformedMessageError(f"header {name!r} is not UTF-8") from None
+        if name.startswith("ce_") or name == "content-type":
+            attributes[name] = text
+        else:
+            user_headers[name] = text
+    if attributes.get("ce_specversion") != SPEC_VERSION:
+        raise MalformedMessageError(
+            f"not a CloudEvents {SPEC_VERSION} binary-mode message "
+            f"(ce_specversion={attributes.get('ce_specversion')!r})"
+        )
+    missing = [h for h in ("ce_id", "ce_type", "ce_source") if not attributes.get(h)]
+    if missing:
+        raise MalformedMessageError(f"missing required attribute(s): {', '.join(missing)}")
+    try:
+        event_id = uuid.UUID(attributes["ce_id"])
+    except ValueError:
+        raise MalformedMessageError(f"ce_id {attributes['ce_id']!r} is not a UUID") from None
+    content_type = attributes.get("content-type", "application/json")
+    try:
+        data: Any = decode_data(value or b"", content_type)
+    except ValueError as exc:
+        raise MalformedMessageError(f"data is not valid {content_type}: {exc}") from None
+    try:
+        text_key = key.decode() if key is not None else ""
+    except UnicodeDecodeError:
+        raise MalformedMessageError("message key is not UTF-8") from None
+    return Event(
+        id=event_id,
+        topic=topic,
+        key=text_key,
+        type=attributes["ce_type"],
+        data=data,
+        time=_parse_time(attributes.get("ce_time")),
+        headers=user_headers,
+        content_type=content_type,
+        source=attributes["ce_source"],
+        partition=partition,
+        offset=offset,
+    )
+
+
+def headers_as_json(headers: Sequence[tuple[str, bytes]] | None) -> dict[str, str]:
+    """Headers in a form a JSONB column can hold (undecodable bytes shown as hex)."""
+    result: dict[str, str] = {}
+    for name, raw in headers or ():
+        try:
+            result[name] = raw.decode()
+        except (UnicodeDecodeError, AttributeError):
+            result[name] = "hex:" + bytes(raw or b"").hex()
+    return result
+
+
+def _parse_time(value: str | None) -> datetime:
+    if not value:
+        return datetime.now(UTC)
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise MalformedMessageError(f"ce_time {value!r} is not RFC 3339") from None

@@ -1,0 +1,77 @@
+"""Every exception the kit raises on purpose.
+
+    OutboxError                     root; catch this to catch everything below
+    ├── ConfigError                 a setting is missing or out of range (names the field)
+    ├── InvalidEventError           publish() refused an event before anything was written
+    │   └── PayloadTooLargeError    the encoded data is over the configured limit
+    ├── PublishError                the broker did not acknowledge an event (carries event id, topic)
+    ├── SchemaError                 the database schema is missing or disagrees with the kit
+    ├── MalformedMessageError       a Kafka message is not a CloudEvent the kit can read
+    └── ParkedEventError            a parked event or dead letter was not found / not replayable
+
+Messages name what was wrong and what to do. They never contain secrets: a
+database URL is always rendered with its password masked (see `config.safe_url`).
+"""
+
+from __future__ import annotations
+
+import uuid
+
+
+class OutboxError(Exception):
+    """Root of the kit's exception tree."""
+
+
+class ConfigError(OutboxError, ValueError):
+    """A configuration value is missing, malformed or unsafe."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        super().__init__(f"{field}: {message}")
+
+
+class InvalidEventError(OutboxError, ValueError):
+    """`publish()` refused the event; nothing was added to the transaction."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        super().__init__(f"invalid event {field}: {message}")
+
+
+class PayloadTooLargeError(InvalidEventError):
+    """The encoded event is larger than `max_payload_bytes`."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        self.size = size
+        self.limit = limit
+        super().__init__(
+            "data",
+            f"encoded size {size} bytes is over the limit of {limit} bytes; "
+            "store the document elsewhere and publish a reference to it, or raise "
+            "OUTBOX_MAX_PAYLOAD_BYTES (and the broker's message.max.bytes) together",
+        )
+
+
+class PublishError(OutboxError):
+    """The broker refused or did not acknowledge an event."""
+
+    def __init__(
+        self, message: str, *, event_id: uuid.UUID | None = None, topic: str | None = None,
+        retriable: bool = True,
+    ) -> None:
+        self.event_id = event_id
+        self.topic = topic
+        self.retriable = retriable
+        super().__init__(message)
+
+
+class SchemaError(OutboxError):
+    """The outbox tables are missing or do not match the kit's migrations."""
+
+
+class MalformedMessageError(OutboxError, ValueError):
+    """A consumed message is not a binary-mode CloudEvent with an id, type and readable data."""
+
+
+class ParkedEventError(OutboxError, LookupError):
+    """A parked event or dead letter could not be found or replayed."""

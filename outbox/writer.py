@@ -1,0 +1,237 @@
+"""The write path: `publish` adds an event to the caller's database transaction.
+
+This module never commits, flushes or opens a connection. The event row is
+added to the session (or executed on the connection) the caller passes in, so
+it is committed exactly when the business rows are, and a rollback discards
+it. Every check runs before anything is added: a refused event raises an
+`InvalidEventError` and leaves the transaction as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Connection, insert
+from sqlalchemy.orm import Session
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+
+from outbox.config import env_int
+from outbox.errors import InvalidEventError, PayloadTooLargeError
+from outbox.event import BYTES_CONTENT_TYPE, JSON_CONTENT_TYPE, Event
+from outbox.schema import OutboxRow, outbox_event
+
+MAX_PAYLOAD_BYTES_ENV = "OUTBOX_MAX_PAYLOAD_BYTES"
+# Kafka's default message.max.bytes is 1 MiB for key, value and headers
+# together; leave room for the CloudEvents headers the relay adds.
+DEFAULT_MAX_PAYLOAD_BYTES = 1_000_000
+
+# Kafka's own rule for topic names (kafka.common.internals.Topic).
+_TOPIC_NAME = re.compile(r"^[a-zA-Z0-9._-]{1,249}$")
+# Headers the relay writes itself; a user header with one of these names
+# would make the message ambiguous.
+RESERVED_HEADER_PREFIX = "ce_"
+RESERVED_HEADERS = frozenset({"content-type"})
+
+
+def publish(
+    session: Session | AsyncSession | Connection,
+    *,
+    topic: str,
+    key: str,
+    type: str,
+    data: Any,
+    headers: Mapping[str, str] | None = None,
+    event_id: uuid.UUID | str | None = None,
+    max_payload_bytes: int | None = None,
+) -> Event:
+    """Add one event to the current transaction of `session`, and return it.
+
+    `session` is a SQLAlchemy `Session`, an `AsyncSession` or a `Connection`.
+    With an `AsyncSession` call it as is (no await): it only adds an object to
+    the session, and the row is written by the session's next flush, at the
+    latest by `await session.commit()`. With a `Connection` the INSERT runs
+    at once inside the connection's transaction.
+
+    Nothing is committed here. The event exists if and only if the caller's
+    transaction commits; after a rollback there is no trace of it.
+
+    `data` is a JSON-serialisable value, or `bytes` (published as
+    application/octet-stream). `event_id` defaults to a new UUID; pass your
+    own to make the event's identity follow from your data. Raises
+    `InvalidEventError` (or `PayloadTooLargeError`) on bad input, before
+    anything is added to the transaction.
+    """
+    event, values = event_row(
+        topic=topic, key=key, type=type, data=data, headers=headers, event_id=event_id,
+        max_payload_bytes=max_payload_bytes,
+    )
+    if isinstance(session, Session) or _is_async(session, "AsyncSession"):
+        session.add(OutboxRow(**values))
+    elif isinstance(session, Connection):
+        session.execute(insert(outbox_event).values(**values))
+    elif _is_async(session, "AsyncConnection"):
+        raise InvalidEventError(
+            "session",
+            "an AsyncConnection needs `await publish_async(conn, ...)`; "
+            "an AsyncSession works with plain publish()",
+        )
+    else:
+        raise InvalidEventError(
+            "session",
+            f"expected a SQLAlchemy Session, AsyncSession or Connection, got {type_name(session)}",
+        )
+    return event
+
+
+async def publish_async(conn: AsyncConnection, **fields: Any) -> Event:
+    """`publish` for an `AsyncConnection` (Core, no ORM session); same fields, same rules."""
+    event, values = event_row(**fields)
+    await conn.execute(insert(outbox_event).values(**values))
+    return event
+
+
+def event_row(
+    *,
+    topic: str,
+    key: str,
+    type: str,
+    data: Any,
+    headers: Mapping[str, str] | None = None,
+    event_id: uuid.UUID | str | None = None,
+    max_payload_bytes: int | None = None,
+) -> tuple[Event, dict[str, Any]]:
+    """The validated event and the `outbox_event` row that stores it."""
+    event = build_event(
+        topic=topic, key=key, type=type, data=data, headers=headers, event_id=event_id,
+    )
+    payload = encode_data(data)
+    limit = max_payload_bytes if max_payload_bytes is not None else _default_limit()
+    size = len(payload) + len(key.encode()) + sum(
+        len(k.encode()) + len(v.encode()) for k, v in event.headers.items()
+    )
+    if size > limit:
+        raise PayloadTooLargeError(size, limit)
+    values: dict[str, Any] = {
+        "id": event.id,
+        "topic": event.topic,
+        "key": event.key,
+        "type": event.type,
+        "payload": payload,
+        "content_type": event.content_type,
+        "headers": event.headers,
+        "created_at": event.time,
+    }
+    return event, values
+
+
+def build_event(
+    *,
+    topic: str,
+    key: str,
+    type: str,
+    data: Any,
+    headers: Mapping[str, str] | None = None,
+    event_id: uuid.UUID | str | None = None,
+) -> Event:
+    """Validate the fields of an event and return it; raises `InvalidEventError`."""
+    _require_text("topic", topic)
+    if not _TOPIC_NAME.match(topic) or topic in (".", ".."):
+        raise InvalidEventError(
+            "topic",
+            f"{topic!r} is not a valid Kafka topic name: use 1-249 characters "
+            "from a-z A-Z 0-9 . _ -",
+        )
+    _require_text("key", key)
+    _require_text("type", type)
+    return Event(
+        id=_event_id(event_id),
+        topic=topic,
+        key=key,
+        type=type,
+        data=data,
+        time=datetime.now(UTC),
+        headers=_headers(headers),
+        content_type=BYTES_CONTENT_TYPE if isinstance(data, bytes | bytearray) else JSON_CONTENT_TYPE,
+    )
+
+
+def encode_data(data: Any) -> bytes:
+    """The bytes the relay will put in the Kafka message value."""
+    if isinstance(data, bytes | bytearray):
+        return bytes(data)
+    try:
+        return json.dumps(
+            data, ensure_ascii=False, allow_nan=False, separators=(",", ":")
+        ).encode()
+    except (TypeError, ValueError) as exc:
+        raise InvalidEventError(
+            "data",
+            f"is not JSON-serialisable ({exc}); pass JSON types (dict, list, str, int, float, "
+            "bool, None) or bytes, e.g. convert Decimal and datetime to str first",
+        ) from None
+
+
+def _is_async(session: object, name: str) -> bool:
+    # sqlalchemy.ext.asyncio needs greenlet; only look at it when the caller
+    # could be using it, so sync-only applications need not install it.
+    if not type(session).__module__.startswith("sqlalchemy.ext.asyncio"):
+        return False
+    from sqlalchemy.ext import asyncio
+
+    return isinstance(session, getattr(asyncio, name))
+
+
+def _require_text(field: str, value: object) -> None:
+    if not isinstance(value, str):
+        raise InvalidEventError(field, f"must be a str, got {type_name(value)}")
+    if not value.strip():
+        raise InvalidEventError(field, "must not be empty")
+
+
+def _event_id(value: uuid.UUID | str | None) -> uuid.UUID:
+    if value is None:
+        return uuid.uuid4()
+    if isinstance(value, uuid.UUID):
+        return value
+    try:
+        return uuid.UUID(str(value))
+    except ValueError:
+        raise InvalidEventError("event_id", f"{value!r} is not a UUID") from None
+
+
+def _headers(headers: Mapping[str, str] | None) -> dict[str, str]:
+    if headers is None:
+        return {}
+    if not isinstance(headers, Mapping):
+        raise InvalidEventError("headers", f"must be a mapping of str to str, got {type_name(headers)}")
+    result: dict[str, str] = {}
+    for name, value in headers.items():
+        if not isinstance(name, str) or not name:
+            raise InvalidEventError("headers", f"header name {name!r} must be a non-empty str")
+        if not isinstance(value, str):
+            raise InvalidEventError("headers", f"header {name!r} value must be a str")
+        lowered = name.lower()
+        if lowered.startswith(RESERVED_HEADER_PREFIX) or lowered in RESERVED_HEADERS:
+            raise InvalidEventError(
+                "headers",
+                f"header {name!r} is reserved for the CloudEvents envelope; choose another name",
+            )
+        result[name] = value
+    return result
+
+
+def _default_limit() -> int:
+    return env_int(MAX_PAYLOAD_BYTES_ENV, DEFAULT_MAX_PAYLOAD_BYTES, minimum=1)
+
+
+def type_name(value: object) -> str:
+    return type(value).__name__
+
+

@@ -1,0 +1,79 @@
+"""Fixtures shared by the tests.
+
+Integration tests run against the real PostgreSQL and the real Kafka broker:
+`tests/services.py` finds them (explicit OUTBOX_TEST_* variables, else
+testcontainers where a Docker engine answers, else the project's devstack).
+Nothing here stands in for either service. If a service cannot be had, the
+fixtures fail loudly; they never skip.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from kafka.admin import KafkaAdminClient, NewTopic
+from sqlalchemy import Engine, create_engine, text
+
+from outbox import migrate
+from tests import services
+
+
+@pytest.fixture(scope="session")
+def database_url() -> str:
+    url = services.database_url()
+    migrate.upgrade(url)
+    return url
+
+
+@pytest.fixture(scope="session")
+def bootstrap_servers() -> str:
+    return services.kafka_bootstrap_servers()
+
+
+@pytest.fixture(scope="session")
+def engine(database_url: str) -> Iterator[Engine]:
+    engine = create_engine(database_url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def clean_db(engine: Engine) -> Engine:
+    """The migrated database with every table of the kit emptied."""
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "TRUNCATE outbox_event, outbox_parked, outbox_inbox, outbox_dead_letter;"
+                " UPDATE outbox_counter SET value = 0"
+            )
+        )
+    return engine
+
+
+@pytest.fixture(scope="session")
+def admin(bootstrap_servers: str) -> Iterator[KafkaAdminClient]:
+    client = KafkaAdminClient(bootstrap_servers=bootstrap_servers, request_timeout_ms=30000)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def make_topic(admin: KafkaAdminClient) -> Iterator[object]:
+    """Creates fresh topics (4 partitions) with unique names, so tests never see each other."""
+
+    def make(prefix: str = "t", partitions: int = 4) -> str:
+        name = f"{prefix}-{uuid.uuid4().hex[:10]}"
+        admin.create_topics([NewTopic(name, partitions, 1)])
+        return name
+
+    yield make
+
+
+@pytest.fixture
+def topic(make_topic: object) -> str:
+    assert callable(make_topic)
+    name = make_topic()
+    assert isinstance(name, str)
+    return name
