@@ -17,6 +17,9 @@ outbox_parked
     with the error. `outbox parked replay` moves them back into outbox_event.
 outbox_counter
     Monotonic counters; `published` is m in the backlog formula Q = n - m.
+outbox_relay_lease, outbox_relay_member
+    Which relay owns which key shard, until when, and with which epoch
+    (see relay/leases.py); the relays alive.
 outbox_inbox
     Event ids a consumer group has applied; the unique key is what makes
     effects happen once.
@@ -34,6 +37,7 @@ from typing import Any
 from sqlalchemy import (
     BigInteger,
     Column,
+    Computed,
     DateTime,
     Identity,
     Index,
@@ -41,6 +45,7 @@ from sqlalchemy import (
     LargeBinary,
     MetaData,
     Sequence,
+    SmallInteger,
     Table,
     Text,
     Uuid,
@@ -57,6 +62,10 @@ metadata = MetaData()
 # application's own advisory locks. The bytes spell "outb".
 KEY_LOCK_NAMESPACE = 0x6F757462
 
+# Keys are spread over this many shards; relays lease shards, so at most
+# SHARDS relays do useful work at once. Changing it needs a migration.
+SHARDS = 16
+
 NOTIFY_CHANNEL = "outbox_event"
 PUBLISHED_COUNTER = "published"
 
@@ -72,6 +81,9 @@ outbox_event = Table(
     Column("position", BigInteger, nullable=True),
     Column("topic", Text, nullable=False),
     Column("key", Text, nullable=False),
+    # Which relay shard the key belongs to; one relay at a time owns a shard.
+    Column("shard", SmallInteger, Computed(f"(hashtext(key) & {SHARDS - 1})::smallint", persisted=True),
+           nullable=False),
     Column("type", Text, nullable=False),
     Column("payload", LargeBinary, nullable=False),
     Column("content_type", Text, nullable=False),
@@ -108,6 +120,23 @@ outbox_counter = Table(
     metadata,
     Column("name", Text, primary_key=True),
     Column("value", BigInteger, nullable=False, server_default=text("0")),
+)
+
+outbox_relay_lease = Table(
+    "outbox_relay_lease",
+    metadata,
+    Column("shard", SmallInteger, primary_key=True, autoincrement=False),
+    Column("owner", Text, nullable=True),
+    Column("epoch", BigInteger, nullable=False, server_default=text("0")),
+    Column("expires_at", DateTime(timezone=True), nullable=True),
+)
+
+outbox_relay_member = Table(
+    "outbox_relay_member",
+    metadata,
+    Column("relay_id", Text, primary_key=True),
+    Column("heartbeat_at", DateTime(timezone=True), nullable=False),
+    Column("started_at", DateTime(timezone=True), nullable=False),
 )
 
 outbox_inbox = Table(

@@ -52,8 +52,9 @@ def clean_db(engine: Engine) -> Engine:
     return engine
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def admin(bootstrap_servers: str) -> Iterator[KafkaAdminClient]:
+    # Per test, not per session: fault tests restart the broker under it.
     client = KafkaAdminClient(bootstrap_servers=bootstrap_servers, request_timeout_ms=30000)
     yield client
     client.close()

@@ -1,4 +1,4 @@
-"""The outbox: events waiting for the relay, parked events, counters.
+"""The outbox: events waiting for the relay, parked events, counters, relay leases.
 
 Revision ID: 0001_outbox
 Revises:
@@ -35,6 +35,7 @@ branch_labels: str | Sequence[str] | None = ("outbox",)
 depends_on: str | Sequence[str] | None = None
 
 KEY_LOCK_NAMESPACE = 0x6F757462
+SHARDS = 16
 
 ASSIGN_POSITIONS = f"""
 CREATE FUNCTION outbox_assign_positions() RETURNS trigger
@@ -88,6 +89,10 @@ def upgrade() -> None:
         sa.Column("position", sa.BigInteger(), nullable=True),
         sa.Column("topic", sa.Text(), nullable=False),
         sa.Column("key", sa.Text(), nullable=False),
+        sa.Column(
+            "shard", sa.SmallInteger(), sa.Computed(f"(hashtext(key) & {SHARDS - 1})::smallint", persisted=True),
+            nullable=False,
+        ),
         sa.Column("type", sa.Text(), nullable=False),
         sa.Column("payload", sa.LargeBinary(), nullable=False),
         sa.Column("content_type", sa.Text(), nullable=False),
@@ -139,8 +144,29 @@ def upgrade() -> None:
     )
     op.execute("INSERT INTO outbox_counter (name, value) VALUES ('published', 0)")
 
+    # Relays share the work by key shard: each shard is leased to one relay at a
+    # time; `epoch` grows with every change of owner and fences the old one.
+    op.create_table(
+        "outbox_relay_lease",
+        sa.Column("shard", sa.SmallInteger(), primary_key=True),
+        sa.Column("owner", sa.Text(), nullable=True),
+        sa.Column("epoch", sa.BigInteger(), nullable=False, server_default=sa.text("0")),
+        sa.Column("expires_at", sa.DateTime(timezone=True), nullable=True),
+    )
+    op.execute(
+        f"INSERT INTO outbox_relay_lease (shard) SELECT generate_series(0, {SHARDS - 1})"
+    )
+    op.create_table(
+        "outbox_relay_member",
+        sa.Column("relay_id", sa.Text(), primary_key=True),
+        sa.Column("heartbeat_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("started_at", sa.DateTime(timezone=True), nullable=False),
+    )
+
 
 def downgrade() -> None:
+    op.drop_table("outbox_relay_member")
+    op.drop_table("outbox_relay_lease")
     op.drop_table("outbox_counter")
     op.drop_table("outbox_parked")
     op.execute("DROP TRIGGER outbox_event_assign_position ON outbox_event")

@@ -1,0 +1,5 @@
+import sys
+
+from relay.daemon import main
+
+sys.exit(main())

@@ -1,0 +1,100 @@
+"""`RelayConfig`: every setting of the relay, validated when it is made."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from outbox.config import (
+    bootstrap_servers,
+    database_url,
+    env_float,
+    env_int,
+    kafka_client_config,
+    safe_kafka_config,
+    safe_url,
+)
+from outbox.errors import ConfigError
+
+
+def default_relay_id() -> str:
+    """host:pid:random, so a restarted process never inherits its predecessor's leases."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class RelayConfig:
+    """Settings of one relay process.
+
+    >>> RelayConfig(database_url="postgresql+psycopg://app@db/payments",
+    ...             bootstrap_servers="kafka-1:9092", batch_size=1000)  # doctest: +SKIP
+    """
+
+    database_url: str  # OUTBOX_DATABASE_URL
+    bootstrap_servers: str  # OUTBOX_KAFKA_BOOTSTRAP_SERVERS
+    source: str = "outbox-relay"  # OUTBOX_RELAY_SOURCE: the CloudEvents `source` attribute
+    batch_size: int = 500  # OUTBOX_RELAY_BATCH_SIZE: events per fetch/publish/delete round, 1..10000
+    poll_interval: float = 1.0  # OUTBOX_RELAY_POLL_INTERVAL: seconds between polls when no NOTIFY arrives
+    listen: bool = True  # OUTBOX_RELAY_LISTEN: wake on NOTIFY (polling still runs as a fallback)
+    max_attempts: int = 5  # OUTBOX_RELAY_MAX_ATTEMPTS: failed publishes of one event before it is parked
+    backoff_initial: float = 0.2  # OUTBOX_RELAY_BACKOFF_INITIAL: first wait after an outage, seconds
+    backoff_max: float = 10.0  # OUTBOX_RELAY_BACKOFF_MAX: longest wait between retries, seconds
+    lease_ttl: float = 3.0  # OUTBOX_RELAY_LEASE_TTL: seconds a shard lease lasts unrenewed (failover time)
+    relay_id: str = field(default_factory=default_relay_id)  # OUTBOX_RELAY_ID: unique per process
+    kafka: Mapping[str, Any] = field(default_factory=dict)  # OUTBOX_KAFKA_*: producer pass-through
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.batch_size <= 10_000:
+            raise ConfigError("batch_size", f"{self.batch_size} is out of range 1..10000")
+        if not 0.01 <= self.poll_interval <= 60:
+            raise ConfigError("poll_interval", f"{self.poll_interval} is out of range 0.01..60 s")
+        if not 1 <= self.max_attempts <= 1000:
+            raise ConfigError("max_attempts", f"{self.max_attempts} is out of range 1..1000")
+        if not 0 < self.backoff_initial <= self.backoff_max <= 600:
+            raise ConfigError(
+                "backoff_initial", "need 0 < backoff_initial <= backoff_max <= 600 seconds"
+            )
+        if not self.source:
+            raise ConfigError("source", "must not be empty")
+        if not 0.3 <= self.lease_ttl <= 300:
+            raise ConfigError("lease_ttl", f"{self.lease_ttl} is out of range 0.3..300 s")
+        if not self.relay_id:
+            raise ConfigError("relay_id", "must not be empty")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> RelayConfig:
+        """Settings from OUTBOX_* variables; keyword arguments win."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {
+            "database_url": database_url(overrides.pop("database_url", None), env),
+            "bootstrap_servers": bootstrap_servers(overrides.pop("bootstrap_servers", None), env),
+            "source": env.get("OUTBOX_RELAY_SOURCE", cls.source),
+            "batch_size": env_int("OUTBOX_RELAY_BATCH_SIZE", cls.batch_size, env),
+            "poll_interval": env_float("OUTBOX_RELAY_POLL_INTERVAL", cls.poll_interval, env),
+            "listen": env.get("OUTBOX_RELAY_LISTEN", "true").lower() not in ("0", "false", "no"),
+            "max_attempts": env_int("OUTBOX_RELAY_MAX_ATTEMPTS", cls.max_attempts, env),
+            "backoff_initial": env_float("OUTBOX_RELAY_BACKOFF_INITIAL", cls.backoff_initial, env),
+            "backoff_max": env_float("OUTBOX_RELAY_BACKOFF_MAX", cls.backoff_max, env),
+            "lease_ttl": env_float("OUTBOX_RELAY_LEASE_TTL", cls.lease_ttl, env),
+            "relay_id": env.get("OUTBOX_RELAY_ID") or default_relay_id(),
+            "kafka": kafka_client_config(env),
+        }
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def describe(self) -> str:
+        """One log line, secrets masked."""
+        return (
+            f"database={safe_url(self.database_url)} kafka={self.bootstrap_servers} "
+            f"batch_size={self.batch_size} poll_interval={self.poll_interval}s "
+            f"listen={self.listen} max_attempts={self.max_attempts} "
+            f"lease_ttl={self.lease_ttl}s relay_id={self.relay_id} "
+            f"kafka_overrides={safe_kafka_config(self.kafka)}"
+        )
+
+    def __repr__(self) -> str:  # the dataclass repr would print the database password
+        return f"RelayConfig({self.describe()})"

@@ -1,0 +1,73 @@
+"""`outbox relay` / `python -m relay`: the relay as a long-running process.
+
+Owns what a library must not: logging handlers, signal handlers, the exit
+code. SIGTERM or SIGINT lets the round in flight finish (its acknowledged
+events are deleted, nothing half-done is left behind) and exits 0. SIGKILL
+at any instant loses nothing: at most the last unacknowledged batch is
+published again, with the same event ids.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from types import FrameType
+
+from outbox.errors import OutboxError
+from relay.config import RelayConfig
+from relay.relay import Relay
+
+log = logging.getLogger("relay")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="outbox relay", description="Publish committed outbox events to Kafka."
+    )
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--database-url", help="default: $OUTBOX_DATABASE_URL")
+    parser.add_argument("--bootstrap-servers", help="default: $OUTBOX_KAFKA_BOOTSTRAP_SERVERS")
+    parser.add_argument("--batch-size", type=int, help="default: $OUTBOX_RELAY_BATCH_SIZE or 500")
+    parser.add_argument(
+        "--poll-interval", type=float, help="seconds; default: $OUTBOX_RELAY_POLL_INTERVAL or 1.0"
+    )
+    parser.add_argument("--source", help="CloudEvents source; default: $OUTBOX_RELAY_SOURCE")
+    parser.add_argument("--log-level", default="INFO", help="default: INFO")
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    # kafka-python logs every reconnect attempt at WARNING/ERROR; our own log
+    # lines say what matters during an outage.
+    logging.getLogger("kafka").setLevel(logging.CRITICAL)
+    try:
+        config = RelayConfig.from_env(
+            database_url=args.database_url,
+            bootstrap_servers=args.bootstrap_servers,
+            batch_size=args.batch_size,
+            poll_interval=args.poll_interval,
+            source=args.source,
+        )
+        relay = Relay(config)
+    except OutboxError as exc:
+        print(f"outbox relay: {exc}", file=sys.stderr)
+        return 2
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("received %s: finishing the round in flight", signal.Signals(signum).name)
+        relay.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    relay.run()
+    return 0

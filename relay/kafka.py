@@ -1,0 +1,147 @@
+"""The Kafka publisher: kafka-python's idempotent producer, checked before use.
+
+The settings that the guarantees depend on are fixed here and verified
+against what the caller passes: `acks=all` (no loss when a broker dies after
+acknowledging), `enable_idempotence=True` (producer retries never duplicate),
+`max_in_flight_requests_per_connection <= 5` (the idempotent producer keeps
+per-partition order up to 5). Anything that would weaken them is refused
+with a `ConfigError`, never silently adjusted.
+
+After any failed delivery the producer is thrown away and a new one is made
+on the next batch: its successor gets a new producer id, so no sequence
+number state from a failed batch can reorder or stall later ones.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from kafka import KafkaProducer
+from kafka import errors as kafka_errors
+
+from outbox.config import safe_kafka_config
+from outbox.errors import ConfigError
+from relay.publisher import ACKNOWLEDGED, Delivery, Message
+
+log = logging.getLogger(__name__)
+
+# Defaults the relay uses unless told otherwise; each can be overridden
+# through OUTBOX_KAFKA_<NAME> as long as it stays safe (see REFUSED).
+DEFAULTS: dict[str, Any] = {
+    "acks": "all",
+    "enable_idempotence": True,
+    "max_in_flight_requests_per_connection": 5,
+    "linger_ms": 5,  # lets one relay batch fill producer batches
+    "batch_size": 256 * 1024,
+    "delivery_timeout_ms": 30_000,  # a batch fails (and is retried by the relay) after 30 s
+    "request_timeout_ms": 10_000,
+    "max_block_ms": 10_000,  # how long send() may wait for metadata of a topic
+    "retry_backoff_ms": 100,
+    "reconnect_backoff_max_ms": 5_000,
+    "client_id": "outbox-relay",
+}
+
+# Errors that are about the message, not about the broker's health.
+PERMANENT_ERRORS: tuple[type[BaseException], ...] = (
+    kafka_errors.MessageSizeTooLargeError,
+    kafka_errors.InvalidTopicError,
+    kafka_errors.TopicAuthorizationFailedError,
+    kafka_errors.RecordListTooLargeError,
+)
+
+
+def producer_config(bootstrap_servers: str, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """The producer settings: defaults, then overrides, refused if unsafe."""
+    config = {**DEFAULTS, **overrides, "bootstrap_servers": bootstrap_servers.split(",")}
+    acks = config["acks"]
+    if acks not in ("all", -1, "-1"):
+        raise ConfigError(
+            "OUTBOX_KAFKA_ACKS", f"{acks!r} can lose acknowledged events; the relay needs 'all'"
+        )
+    config["acks"] = "all"
+    if config["enable_idempotence"] is not True:
+        raise ConfigError(
+            "OUTBOX_KAFKA_ENABLE_IDEMPOTENCE",
+            "must stay true: without it producer retries duplicate and reorder events",
+        )
+    in_flight = config["max_in_flight_requests_per_connection"]
+    if not isinstance(in_flight, int) or not 1 <= in_flight <= 5:
+        raise ConfigError(
+            "OUTBOX_KAFKA_MAX_IN_FLIGHT_REQUESTS_PER_CONNECTION",
+            f"{in_flight!r} is out of range 1..5; more breaks per-key order",
+        )
+    if config.get("retries", 1) == 0:
+        raise ConfigError("OUTBOX_KAFKA_RETRIES", "0 disables the idempotent producer's retries")
+    for refused in ("transactional_id", "partitioner", "key_serializer", "value_serializer"):
+        if refused in overrides:
+            raise ConfigError(
+                f"OUTBOX_KAFKA_{refused.upper()}",
+                "is set by the relay itself (it decides keys, partitions and bytes)",
+            )
+    return config
+
+
+class KafkaPublisher:
+    """`relay.publisher.Publisher` over kafka-python's `KafkaProducer`."""
+
+    def __init__(self, bootstrap_servers: str, overrides: Mapping[str, Any] | None = None) -> None:
+        self._config = producer_config(bootstrap_servers, overrides or {})
+        self._producer: KafkaProducer | None = None
+        log.info("kafka publisher settings: %s", safe_kafka_config(self._config))
+
+    def publish(self, messages: Sequence[Message]) -> list[Delivery]:
+        producer = self._connect()
+        results: list[Delivery | None] = [None] * len(messages)
+        futures: list[tuple[int, Any]] = []
+        blocked_keys: set[tuple[str, bytes]] = set()
+        for index, message in enumerate(messages):
+            slot = (message.topic, message.key)
+            if slot in blocked_keys:
+                # An earlier event of this key failed: sending a later one
+                # now would overtake it.
+                results[index] = Delivery(
+                    False, "held back behind a failed event of its key", attempted=False
+                )
+                continue
+            try:
+                future = producer.send(
+                    message.topic, key=message.key, value=message.value, headers=message.headers
+                )
+            except Exception as exc:
+                # Raised before the message entered the producer: too large,
+                # bad topic, or no metadata for the topic within max_block_ms.
+                # Hold back this key only; other keys go on.
+                results[index] = _failed(exc)
+                blocked_keys.add(slot)
+                continue
+            futures.append((index, future))
+        producer.flush()
+        for index, future in futures:
+            exc = future.exception if future.failed() else None
+            results[index] = ACKNOWLEDGED if future.succeeded() else _failed(exc)
+        deliveries = [r if r is not None else Delivery(False, "no outcome") for r in results]
+        if any(not d.acknowledged for d in deliveries):
+            self.close()
+        return deliveries
+
+    def close(self) -> None:
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            try:
+                producer.close(timeout=5)
+            except Exception:  # closing a broken producer must not hide the real error
+                log.debug("error while closing the Kafka producer", exc_info=True)
+
+    def _connect(self) -> KafkaProducer:
+        if self._producer is None:
+            self._producer = KafkaProducer(**self._config)
+        return self._producer
+
+
+def _failed(exc: BaseException | None) -> Delivery:
+    if exc is None:
+        return Delivery(False, "unknown delivery failure")
+    retriable = not isinstance(exc, (*PERMANENT_ERRORS, ValueError, TypeError))
+    return Delivery(False, f"{type(exc).__name__}: {exc}", retriable=retriable)

@@ -1,0 +1,60 @@
+"""The contract between the relay loop and a message broker.
+
+A `Publisher` takes a batch of messages in position order and reports, for
+each one, whether the broker acknowledged it. The relay deletes an event only
+after its `Delivery` says `acknowledged`. Promises an implementation keeps:
+
+- Order: messages with the same key reach the broker in the order given,
+  also across retries (Kafka: the idempotent producer, at most 5 requests in
+  flight per connection).
+- Idempotence: the publisher's own retries never write a message twice.
+- Acknowledgement means durable: Kafka `acks=all`.
+- `publish` blocks until every message is acknowledged or failed; it never
+  returns a message in neither state. Not thread-safe: one relay loop owns it.
+- `close` flushes nothing new and may be called twice.
+
+Kafka is one implementation (`relay/kafka.py`); another transport is another
+file with the same two methods.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One event ready for the wire (see `outbox/envelope.py` for the headers)."""
+
+    event_id: uuid.UUID
+    topic: str
+    key: bytes
+    value: bytes
+    headers: list[tuple[str, bytes]]
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """The outcome for one message. `retriable` is False for errors that will
+    recur for this message whatever the broker's health (too large, bad topic)."""
+
+    acknowledged: bool
+    error: str | None = None
+    retriable: bool = True
+    attempted: bool = True  # False: held back or never sent, so not this message's failure
+
+
+ACKNOWLEDGED = Delivery(acknowledged=True)
+
+
+class Publisher(Protocol):
+    def publish(self, messages: Sequence[Message]) -> list[Delivery]:
+        """Send `messages` in order; one `Delivery` per message, same order."""
+        ...
+
+    def close(self) -> None:
+        """Release connections. Safe to call more than once."""
+        ...

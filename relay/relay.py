@@ -1,0 +1,241 @@
+"""The relay loop: fetch committed events in commit order, publish, then forget.
+
+One round (`run_once`):
+
+1. fetch the oldest committed events (by `position`, which is commit order
+   per key) in one short statement;
+2. hand them to the `Publisher`, which returns only when the broker has
+   acknowledged (acks=all) or refused each one. No database transaction is
+   open meanwhile;
+3. delete the acknowledged events and count them, in one transaction;
+4. for refused events: count the attempt; park the event once it has failed
+   `max_attempts` times for reasons of its own (see `_settle_failures`).
+
+A crash anywhere in 1-3 leaves the unacknowledged-or-undeleted events in the
+table, and the next round publishes them again with the same event ids: at
+least once, never lost. Consumers deduplicate by id.
+
+Any number of relays can run at once. Each publishes only the key shards it
+holds a lease on (relay/leases.py), so one key is published by one relay at
+a time, and the delete in step 3 is fenced by the lease's epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import psycopg
+from tenacity import Retrying, retry_if_exception_type, wait_exponential_jitter
+
+from outbox.envelope import encode_headers
+from outbox.failpoints import failpoint
+from relay import store
+from relay.config import RelayConfig
+from relay.kafka import KafkaPublisher
+from relay.leases import ShardLeases
+from relay.publisher import Delivery, Message, Publisher
+
+log = logging.getLogger(__name__)
+
+
+class BrokerUnavailable(Exception):
+    """No event of a round was acknowledged and the errors were retriable: an outage."""
+
+
+RETRIABLE = (psycopg.OperationalError, psycopg.InterfaceError, BrokerUnavailable)
+
+
+class Relay:
+    def __init__(
+        self,
+        config: RelayConfig,
+        *,
+        publisher: Publisher | None = None,
+        sleep: Callable[[float], None] | None = None,
+    ) -> None:
+        self.config = config
+        self._publisher = publisher or KafkaPublisher(config.bootstrap_servers, config.kafka)
+        self.leases = ShardLeases(config.database_url, config.relay_id, ttl=config.lease_ttl)
+        self._conn: psycopg.Connection[Any] | None = None
+        self._stopping = threading.Event()
+        self._sleep = sleep or self._stopping.wait
+        self.published = 0
+        self.parked = 0
+
+    # -- the loop -----------------------------------------------------------
+
+    def run(self) -> None:
+        """Publish until `stop()`. Outages are waited out with bounded backoff."""
+        log.info("relay starting: %s", self.config.describe())
+        retrying = Retrying(
+            retry=retry_if_exception_type(RETRIABLE),
+            wait=wait_exponential_jitter(
+                initial=self.config.backoff_initial, max=self.config.backoff_max
+            ),
+            stop=lambda _state: self._stopping.is_set(),
+            sleep=self._sleep,
+            before_sleep=self._log_retry,
+            reraise=True,
+        )
+        self.leases.start()
+        try:
+            while not self._stopping.is_set():
+                published = retrying(self._round_or_wait)
+                if published:
+                    retrying = retrying.copy()  # a good round resets the backoff
+        except RETRIABLE as exc:
+            # Stopped during an outage: nothing acknowledged is left unforgotten.
+            log.info("relay stopping during an outage (%s)", type(exc).__name__)
+        finally:
+            self.close()
+        log.info("relay stopped: %d events published, %d parked", self.published, self.parked)
+
+    def run_once(self) -> int:
+        """One fetch-publish-delete round; returns how many events were acknowledged."""
+        leases = self.leases.current()
+        if not leases:
+            return 0
+        conn = self._connect()
+        rows = store.fetch_shards(conn, sorted(leases), self.config.batch_size)
+        if not rows:
+            return 0
+        try:
+            deliveries = self._publisher.publish([self._message(row) for row in rows])
+        except Exception as exc:
+            # The publisher could not even try (no broker reachable, client
+            # failure): nothing was acknowledged, so nothing is forgotten.
+            raise BrokerUnavailable(f"{type(exc).__name__}: {_first_line(exc)}") from exc
+        acknowledged = [row.id for row, d in zip(rows, deliveries, strict=True) if d.acknowledged]
+        if acknowledged:
+            failpoint("relay-after-ack")
+        deleted = store.delete_published_fenced(conn, self.config.relay_id, acknowledged, leases)
+        if deleted < len(acknowledged):
+            # Leases lapsed while the batch was in flight: the new owners
+            # publish these again (same ids) and delete them.
+            log.warning(
+                "lost shard leases during a round: %d acknowledged events left to their new owner",
+                len(acknowledged) - deleted,
+            )
+        self.published += deleted
+        failed = [(row, d) for row, d in zip(rows, deliveries, strict=True) if not d.acknowledged]
+        if failed:
+            self._settle_failures(conn, failed, broker_healthy=bool(acknowledged))
+        return len(acknowledged)
+
+    def stop(self) -> None:
+        """Ask `run` to return after the round in flight. Safe to call at any time, twice."""
+        self._stopping.set()
+
+    def close(self) -> None:
+        self.leases.stop()
+        self._publisher.close()
+        conn, self._conn = self._conn, None
+        if conn is not None and not conn.closed:
+            conn.close()
+
+    # -- steps --------------------------------------------------------------
+
+    def _round_or_wait(self) -> int:
+        try:
+            published = self.run_once()
+        except (psycopg.OperationalError, psycopg.InterfaceError):
+            self._drop_connection()
+            raise
+        if published < self.config.batch_size and not self._stopping.is_set():
+            self._wait_for_events()
+        return published
+
+    def _connect(self) -> psycopg.Connection[Any]:
+        if self._conn is not None and not self._conn.closed:
+            return self._conn
+        conn = store.connect(self.config.database_url)
+        if self.config.listen:
+            store.listen(conn)
+        self._conn = conn
+        return conn
+
+    def _drop_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:
+                log.debug("error while closing a broken connection", exc_info=True)
+
+    def _wait_for_events(self) -> None:
+        """Sleep until NOTIFY or the poll interval; a missed NOTIFY costs at most one interval."""
+        conn = self._connect()
+        if not self.config.listen:
+            self._sleep(self.config.poll_interval)
+            return
+        # Notifications that arrived while we were publishing are delivered at once.
+        for _ in conn.notifies(timeout=self.config.poll_interval, stop_after=1):
+            break
+
+    def _message(self, row: store.Row) -> Message:
+        return Message(
+            event_id=row.id,
+            topic=row.topic,
+            key=row.key.encode(),
+            value=row.payload,
+            headers=encode_headers(
+                event_id=row.id,
+                type=row.type,
+                source=self.config.source,
+                time=row.created_at,
+                content_type=row.content_type,
+                headers=row.headers,
+            ),
+        )
+
+    def _settle_failures(
+        self,
+        conn: psycopg.Connection[Any],
+        failed: Sequence[tuple[store.Row, Delivery]],
+        *,
+        broker_healthy: bool,
+    ) -> None:
+        """Count attempts that were the event's own fault; park at `max_attempts`.
+
+        A retriable error while nothing in the round was acknowledged is an
+        outage: nobody's fault, nothing counted, the round is retried with
+        backoff for as long as it takes. Parking never happens because the
+        broker is down.
+        """
+        attempted = [(row, d) for row, d in failed if d.attempted]
+        own_fault = [(row, d) for row, d in attempted if broker_healthy or not d.retriable]
+        for row, delivery in own_fault:
+            attempts = store.record_failure(conn, row.id, delivery.error or "unknown")
+            log.warning(
+                "publish failed: event_id=%s topic=%s attempt=%d/%d error=%s",
+                row.id, row.topic, attempts, self.config.max_attempts, delivery.error,
+            )
+            if attempts >= self.config.max_attempts:
+                store.park(conn, row.id)
+                self.parked += 1
+                log.error(
+                    "event parked: event_id=%s topic=%s key=%s after %d attempts: %s",
+                    row.id, row.topic, row.key, attempts, delivery.error,
+                )
+        if len(own_fault) < len(attempted) or not own_fault:
+            first = next((d.error for _, d in failed if d.error), "unknown")
+            raise BrokerUnavailable(f"{len(failed)} event(s) not acknowledged: {first}")
+        if own_fault:
+            # Give a struggling topic or partition a moment before the next round.
+            self._sleep(self.config.backoff_initial)
+
+    def _log_retry(self, state: Any) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        wait = state.next_action.sleep if state.next_action else 0.0
+        log.warning(
+            "relay round failed (%s: %s); retrying in %.1fs",
+            type(exc).__name__, _first_line(exc), wait,
+        )
+
+
+def _first_line(exc: BaseException | None) -> str:
+    lines = str(exc).strip().splitlines() if exc else []
+    return lines[0] if lines else ""

@@ -1,0 +1,225 @@
+"""Every SQL statement the relay runs, for PostgreSQL. The loop reads as Python.
+
+The relay talks to PostgreSQL over one psycopg connection in autocommit mode;
+each function here is one short statement or one short transaction, and no
+transaction is ever held open while the broker is being waited for.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from sqlalchemy.engine import make_url
+
+from outbox.schema import NOTIFY_CHANNEL, PUBLISHED_COUNTER
+
+_RECORD_FAILURE = """
+UPDATE outbox_event SET attempts = attempts + 1, last_error = %s
+WHERE id = %s
+RETURNING attempts
+"""
+
+_PARK = """
+WITH parked AS (
+    DELETE FROM outbox_event WHERE id = %s
+    RETURNING id, topic, key, type, payload, content_type, headers, created_at, position,
+              attempts, last_error
+)
+INSERT INTO outbox_parked (id, topic, key, type, payload, content_type, headers, created_at,
+                           position, attempts, error)
+SELECT id, topic, key, type, payload, content_type, headers, created_at, position,
+       attempts, coalesce(last_error, 'unknown')
+FROM parked
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    id: uuid.UUID
+    position: int
+    topic: str
+    key: str
+    type: str
+    payload: bytes
+    content_type: str
+    headers: dict[str, str]
+    created_at: datetime
+    attempts: int
+    shard: int
+
+
+def connect(
+    database_url: str, *, application_name: str = "outbox-relay"
+) -> psycopg.Connection[Any]:
+    """An autocommit psycopg connection from a SQLAlchemy-style URL."""
+    url = make_url(database_url)
+    params: dict[str, Any] = {
+        "host": url.host,
+        "port": url.port,
+        "user": url.username,
+        "password": url.password,
+        "dbname": url.database,
+        "application_name": application_name,
+        "connect_timeout": 10,
+        # Notice a dead server within seconds rather than at the next TCP timeout.
+        "keepalives": 1,
+        "keepalives_idle": 5,
+        "keepalives_interval": 2,
+        "keepalives_count": 3,
+    }
+    params.update({k: v for k, v in url.query.items() if isinstance(v, str)})
+    return psycopg.connect(
+        autocommit=True, **{k: v for k, v in params.items() if v is not None}
+    )
+
+
+def listen(conn: psycopg.Connection[Any]) -> None:
+    conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+
+
+def record_failure(conn: psycopg.Connection[Any], event_id: uuid.UUID, error: str) -> int:
+    """Count one failed attempt; returns the event's attempts so far (0 if it is gone)."""
+    row = conn.execute(_RECORD_FAILURE, (error[:2000], event_id)).fetchone()
+    return int(row[0]) if row else 0
+
+
+def park(conn: psycopg.Connection[Any], event_id: uuid.UUID) -> None:
+    """Move an event that cannot be published into outbox_parked, in one statement."""
+    conn.execute(_PARK, (event_id,))
+
+
+# -- shard leases (relay/leases.py) ------------------------------------------
+
+_HEARTBEAT = """
+INSERT INTO outbox_relay_member (relay_id, heartbeat_at, started_at)
+VALUES (%(me)s, now(), now())
+ON CONFLICT (relay_id) DO UPDATE SET heartbeat_at = now()
+"""
+
+_FORGET_DEAD_MEMBERS = """
+DELETE FROM outbox_relay_member WHERE heartbeat_at < now() - make_interval(secs => %(ttl)s)
+"""
+
+_LIVE_MEMBERS = "SELECT count(*) FROM outbox_relay_member"
+
+_RENEW = """
+UPDATE outbox_relay_lease SET expires_at = now() + make_interval(secs => %(ttl)s)
+WHERE owner = %(me)s AND expires_at > now()
+RETURNING shard, epoch
+"""
+
+_RELEASE = """
+UPDATE outbox_relay_lease SET owner = NULL, expires_at = NULL
+WHERE owner = %(me)s AND shard = ANY(%(shards)s)
+"""
+
+_CLAIM = """
+UPDATE outbox_relay_lease SET owner = %(me)s, epoch = epoch + 1,
+       expires_at = now() + make_interval(secs => %(ttl)s)
+WHERE shard IN (
+    SELECT shard FROM outbox_relay_lease
+    WHERE owner IS NULL OR expires_at IS NULL OR expires_at <= now()
+    ORDER BY shard
+    LIMIT %(wanted)s
+    FOR UPDATE SKIP LOCKED
+)
+RETURNING shard, epoch
+"""
+
+_LEAVE = "DELETE FROM outbox_relay_member WHERE relay_id = %(me)s"
+
+# The fence: rows are deleted only for shards this relay still owns, with the
+# epoch it was granted, before expiry. FOR SHARE makes a concurrent claim of
+# those shards wait until this delete has committed.
+_DELETE_PUBLISHED_FENCED = """
+WITH held AS (
+    SELECT l.shard FROM outbox_relay_lease l
+    JOIN unnest(%(shards)s::smallint[], %(epochs)s::bigint[]) AS mine(shard, epoch)
+      ON mine.shard = l.shard AND mine.epoch = l.epoch
+    WHERE l.owner = %(me)s AND l.expires_at > now()
+    FOR SHARE OF l
+), published AS (
+    DELETE FROM outbox_event
+    WHERE id = ANY(%(ids)s) AND shard IN (SELECT shard FROM held)
+    RETURNING shard
+), counted AS (
+    UPDATE outbox_counter SET value = value + (SELECT count(*) FROM published)
+    WHERE name = %(counter)s
+)
+SELECT shard, count(*) FROM published GROUP BY shard
+"""
+
+_FETCH_SHARDS = """
+SELECT id, position, topic, key, type, payload, content_type, headers, created_at, attempts, shard
+FROM outbox_event
+WHERE position IS NOT NULL AND shard = ANY(%s)
+ORDER BY position
+LIMIT %s
+"""
+
+
+def heartbeat(
+    conn: psycopg.Connection[Any], me: str, *, ttl: float, wanted_total: int
+) -> tuple[dict[int, int], int]:
+    """One lease round in one transaction: say we're alive, renew what we own,
+    give back shards above our fair share, claim free or expired ones up to it.
+
+    Returns ({shard: epoch} now owned, number of live relays).
+    """
+    params = {"me": me, "ttl": ttl}
+    with conn.transaction():
+        conn.execute(_HEARTBEAT, params)
+        conn.execute(_FORGET_DEAD_MEMBERS, params)
+        row = conn.execute(_LIVE_MEMBERS).fetchone()
+        live = max(int(row[0]) if row else 1, 1)
+        fair = -(-wanted_total // live)  # ceil
+        owned = dict(conn.execute(_RENEW, params).fetchall())
+        if len(owned) > fair:
+            extra = sorted(owned)[fair:]
+            conn.execute(_RELEASE, {**params, "shards": extra})
+            for shard in extra:
+                del owned[shard]
+        elif len(owned) < fair:
+            claimed = conn.execute(_CLAIM, {**params, "wanted": fair - len(owned)}).fetchall()
+            owned.update(dict(claimed))
+    return owned, live
+
+
+def leave(conn: psycopg.Connection[Any], me: str, shards: Sequence[int]) -> None:
+    """Give back every lease at once, so the others need not wait for expiry."""
+    with conn.transaction():
+        conn.execute(_RELEASE, {"me": me, "shards": list(shards)})
+        conn.execute(_LEAVE, {"me": me})
+
+
+def fetch_shards(conn: psycopg.Connection[Any], shards: Sequence[int], limit: int) -> list[Row]:
+    """The oldest committed events of the given shards, in position order."""
+    with conn.cursor() as cur:
+        cur.execute(_FETCH_SHARDS, (list(shards), limit), prepare=True)
+        return [Row(*record) for record in cur.fetchall()]
+
+
+def delete_published_fenced(
+    conn: psycopg.Connection[Any], me: str, ids: Sequence[uuid.UUID], leases: dict[int, int]
+) -> int:
+    """Delete acknowledged events of shards still leased to `me` at the same epoch.
+
+    Returns how many rows were deleted; rows of lost shards stay for their new owner.
+    """
+    if not ids:
+        return 0
+    shards = sorted(leases)
+    rows = conn.execute(
+        _DELETE_PUBLISHED_FENCED,
+        {
+            "me": me, "ids": list(ids), "shards": shards,
+            "epochs": [leases[s] for s in shards], "counter": PUBLISHED_COUNTER,
+        },
+        prepare=True,
+    ).fetchall()
+    return sum(int(count) for _, count in rows)

@@ -1,0 +1,300 @@
+"""The relay against the real PostgreSQL and the real Kafka broker."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from kafka.admin import KafkaAdminClient, NewTopic
+from sqlalchemy import Engine, func, select, text
+from sqlalchemy.orm import Session
+
+import outbox
+from outbox.errors import ConfigError
+from outbox.parked import list_parked, replay_parked
+from outbox.schema import outbox_event
+from outbox.stats import outbox_stats
+from relay import RelayConfig
+from relay.kafka import producer_config
+from tests import services
+from tests.kafka_helpers import (
+    first_occurrences,
+    read_topic,
+    relay_thread,
+    start_relay_process,
+    stop_process,
+    wait_until,
+)
+
+pytestmark = pytest.mark.integration
+
+
+def _write(engine: Engine, topic: str, n: int, *, keys: int = 10, size: int = 100) -> list[uuid.UUID]:
+    ids: list[uuid.UUID] = []
+    with Session(engine) as session:
+        for i in range(n):
+            event = outbox.publish(
+                session, topic=topic, key=f"key-{i % keys}", type="payment.captured",
+                data={"n": i, "pad": "x" * size},
+            )
+            ids.append(event.id)
+        session.commit()
+    return ids
+
+
+def _backlog(engine: Engine) -> int:
+    with engine.connect() as conn:
+        return conn.execute(select(func.count()).select_from(outbox_event)).scalar_one()
+
+
+def _config(database_url: str, bootstrap_servers: str, **kw: object) -> RelayConfig:
+    return RelayConfig(
+        database_url=database_url, bootstrap_servers=bootstrap_servers, poll_interval=0.2,
+        backoff_max=2.0, **kw,  # type: ignore[arg-type]
+    )
+
+
+def _assert_in_commit_order(written: list[uuid.UUID], received_by_key: dict[str, list[uuid.UUID]],
+                            key_of: dict[uuid.UUID, str]) -> None:
+    expected: dict[str, list[uuid.UUID]] = {}
+    for event_id in written:
+        expected.setdefault(key_of[event_id], []).append(event_id)
+    assert received_by_key == expected
+
+
+def test_relay_publishes_cloudevents_in_commit_order(
+    clean_db: Engine, database_url: str, bootstrap_servers: str, topic: str
+) -> None:
+    ids = _write(clean_db, topic, 300, keys=7)
+    with relay_thread(_config(database_url, bootstrap_servers, batch_size=64)):
+        wait_until(lambda: _backlog(clean_db) == 0, timeout=60, what="backlog to drain")
+    received = read_topic(bootstrap_servers, topic, expect=300)
+    assert sorted(r.event_id for r in received) == sorted(ids)  # each exactly once
+    first = received[0]
+    assert first.headers["ce_specversion"] == b"1.0"
+    assert first.headers["ce_source"] == b"outbox-relay"
+    assert first.headers["ce_type"] == b"payment.captured"
+    assert first.headers["content-type"] == b"application/json"
+    assert first.headers["ce_time"].endswith(b"Z")
+    key_of = {event_id: f"key-{i % 7}" for i, event_id in enumerate(ids)}
+    _assert_in_commit_order(ids, first_occurrences(received), key_of)
+    with clean_db.connect() as conn:
+        stats = outbox_stats(conn)
+    assert (stats.committed, stats.published, stats.backlog) == (300, 300, 0)
+
+
+def test_concurrent_same_key_transactions_are_published_in_commit_order(
+    clean_db: Engine, database_url: str, bootstrap_servers: str, topic: str
+) -> None:
+    """T1 begins and writes first; T2 writes and commits first; Kafka shows T2, then T1."""
+    t1, t2 = Session(clean_db), Session(clean_db)
+    try:
+        first = outbox.publish(t1, topic=topic, key="pay-1", type="payment.authorised", data={})
+        t1.flush()
+        second = outbox.publish(t2, topic=topic, key="pay-1", type="payment.captured", data={})
+        t2.flush()
+        t2.commit()
+        t1.commit()
+    finally:
+        t1.close()
+        t2.close()
+    with relay_thread(_config(database_url, bootstrap_servers)):
+        wait_until(lambda: _backlog(clean_db) == 0, timeout=30, what="backlog to drain")
+    received = read_topic(bootstrap_servers, topic, expect=2)
+    assert first_occurrences(received) == {"pay-1": [second.id, first.id]}
+
+
+def test_relay_killed_after_ack_republishes_same_ids(
+    clean_db: Engine, database_url: str, bootstrap_servers: str, topic: str, tmp_path: Path
+) -> None:
+    ids = _write(clean_db, topic, 1000, keys=13)
+    # SIGKILL itself after the broker acknowledged its 3rd batch, before deleting it.
+    proc = start_relay_process(
+        database_url, bootstrap_servers, log_path=tmp_path / "relay.log",
+        extra_env={"OUTBOX_FAILPOINT": "relay-after-ack:3", "OUTBOX_RELAY_BATCH_SIZE": "100"},
+    )
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    assert _backlog(clean_db) == 800  # two batches deleted; the third acked but not deleted
+
+    proc = start_relay_process(database_url, bootstrap_servers, log_path=tmp_path / "relay.log")
+    try:
+        wait_until(lambda: _backlog(clean_db) == 0, timeout=60, what="backlog to drain")
+    finally:
+        assert stop_process(proc) == 0
+    received = read_topic(bootstrap_servers, topic, expect=1000)
+    assert {r.event_id for r in received} == set(ids)  # nothing lost
+    duplicates = len(received) - len(ids)
+    assert duplicates == 100  # exactly the unacknowledged-by-the-database batch, same ids
+    key_of = {event_id: f"key-{i % 13}" for i, event_id in enumerate(ids)}
+    _assert_in_commit_order(ids, first_occurrences(received), key_of)
+
+
+def test_broker_restarted_under_load_loses_nothing(
+    clean_db: Engine, database_url: str, bootstrap_servers: str, topic: str, tmp_path: Path
+) -> None:
+    services.require_devstack()
+    written: list[uuid.UUID] = []
+    stop_writing = threading.Event()
+
+    def writer() -> None:
+        while not stop_writing.is_set():
+            written.extend(_write(clean_db, topic, 20, keys=5, size=50))
+            time.sleep(0.02)
+
+    proc = start_relay_process(database_url, bootstrap_servers, log_path=tmp_path / "relay.log")
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        time.sleep(2)
+        services.restart_kafka()  # SIGKILL the broker, start it again, wait until it answers
+        time.sleep(2)
+        stop_writing.set()
+        thread.join()
+        wait_until(lambda: _backlog(clean_db) == 0, timeout=120, what="backlog to drain")
+        assert proc.poll() is None, "the relay must ride out the outage, not exit"
+    finally:
+        stop_writing.set()
+        thread.join()
+        stop_process(proc)
+    received = read_topic(bootstrap_servers, topic, expect=len(written), timeout=90)
+    assert {r.event_id for r in received} == set(written)
+    key_of = {r.event_id: r.key for r in received}
+    _assert_in_commit_order(written, first_occurrences(received), key_of)
+
+
+def test_relay_survives_a_database_restart(
+    clean_db: Engine, database_url: str, bootstrap_servers: str, topic: str, tmp_path: Path
+) -> None:
+    services.require_devstack()
+    before = _write(clean_db, topic, 100)
+    proc = start_relay_process(database_url, bootstrap_servers, log_path=tmp_path / "relay.log")
+    try:
+        wait_until(lambda: _backlog(clean_db) == 0, timeout=60, what="first backlog to drain")
+        services.restart_postgres()  # immediate-mode stop (a crash) and start
+        clean_db.dispose()
+        after = _write(clean_db, topic, 100)
+        wait_until(lambda: _backlog(clean_db) == 0, timeout=60, what="second backlog to drain")
+        assert proc.poll() is None
+    finally:
+        stop_process(proc)
+    received = read_topic(bootstrap_servers, topic, expect=200)
+    assert {r.event_id for r in received} == set(before + after)
+
+
+def test_sigterm_finishes_the_round_and_exits_zero(
+    clean_db: Engine, database_url: str, bootstrap_servers: str, topic: str
+) -> None:
+    ids = _write(clean_db, topic, 2000, keys=50)
+    proc = start_relay_process(
+        database_url, bootstrap_servers, extra_env={"OUTBOX_RELAY_BATCH_SIZE": "50"}
+    )
+    wait_until(lambda: _backlog(clean_db) < 2000, timeout=30, what="relay to start publishing")
+    assert stop_process(proc) == 0
+    left = _backlog(clean_db)
+    received = read_topic(bootstrap_servers, topic, expect=2000 - left, timeout=30)
+    # Every deleted event reached Kafka; nothing was published twice on a clean stop.
+    assert len({r.event_id for r in received}) == 2000 - left == len(received)
+    assert {r.event_id for r in received} <= set(ids)
+
+
+def test_oversized_event_is_parked_without_stopping_others_and_can_be_replayed(
+    clean_db: Engine, database_url: str, bootstrap_servers: str, admin: KafkaAdminClient
+) -> None:
+    topic = f"big-{uuid.uuid4().hex[:8]}"
+    admin.create_topics([NewTopic(topic, 1, 1, topic_configs={"max.message.bytes": "3000000"})])
+    with Session(clean_db) as session:
+        before = outbox.publish(session, topic=topic, key="k", type="t", data={"n": 1})
+        big = outbox.publish(
+            session, topic=topic, key="k", type="t", data="x" * 1_500_000,
+            max_payload_bytes=2_000_000,
+        )
+        after = outbox.publish(session, topic=topic, key="other", type="t", data={"n": 3})
+        session.commit()
+    # The producer's default max_request_size (1 MiB) refuses the big event.
+    with relay_thread(_config(database_url, bootstrap_servers, max_attempts=2)) as relay:
+        wait_until(lambda: _backlog(clean_db) == 0, timeout=30, what="backlog to drain")
+        assert relay.parked == 1
+    with clean_db.connect() as conn:
+        parked = list_parked(conn)
+        assert outbox_stats(conn).parked == 1
+    assert [p.id for p in parked] == [big.id]
+    assert "MessageSizeTooLarge" in parked[0].error
+    received = read_topic(bootstrap_servers, topic, expect=2)
+    assert {r.event_id for r in received} == {before.id, after.id}
+
+    # The operator raises the producer limit and replays: the event goes out, same id.
+    with clean_db.begin() as conn:
+        assert replay_parked(conn) == 1
+    config = _config(database_url, bootstrap_servers, kafka={"max_request_size": 3_000_000})
+    with relay_thread(config):
+        wait_until(lambda: _backlog(clean_db) == 0, timeout=30, what="replayed event")
+    received = read_topic(bootstrap_servers, topic, expect=3)
+    assert {r.event_id for r in received} == {before.id, big.id, after.id}
+
+
+def test_two_relays_share_the_shards_and_one_takes_over_when_the_other_dies(
+    clean_db: Engine, database_url: str, bootstrap_servers: str, topic: str, tmp_path: Path
+) -> None:
+    first = start_relay_process(database_url, bootstrap_servers, log_path=tmp_path / "a.log")
+    second = start_relay_process(database_url, bootstrap_servers, log_path=tmp_path / "b.log")
+    try:
+        wait_until(lambda: len(_lease_owners(clean_db)) == 2, timeout=30, what="both relays to own shards")
+        before = _write(clean_db, topic, 500, keys=40)
+        wait_until(lambda: _backlog(clean_db) == 0, timeout=30, what="two relays")
+        first.kill()
+        first.wait()
+        killed_at = time.monotonic()
+        after = _write(clean_db, topic, 500, keys=40)
+        wait_until(lambda: _backlog(clean_db) == 0, timeout=30, what="survivor to take over")
+        takeover = time.monotonic() - killed_at
+        assert len(_lease_owners(clean_db)) == 1
+    finally:
+        first.kill()
+        stop_process(second)
+    assert takeover < 3.0 + 5  # lease TTL (3 s by default) plus a few rounds
+    received = read_topic(bootstrap_servers, topic, expect=1000)
+    assert {r.event_id for r in received} == set(before + after)
+    key_of = {r.event_id: r.key for r in received}
+    _assert_in_commit_order(before + after, first_occurrences(received), key_of)
+
+
+def _lease_owners(engine: Engine) -> set[str]:
+    with engine.connect() as conn:
+        return set(conn.execute(text(
+            "SELECT owner FROM outbox_relay_lease WHERE owner IS NOT NULL AND expires_at > now()"
+        )).scalars())
+
+
+@pytest.mark.parametrize(
+    ("override", "setting"),
+    [
+        ({"acks": 1}, "OUTBOX_KAFKA_ACKS"),
+        ({"enable_idempotence": False}, "OUTBOX_KAFKA_ENABLE_IDEMPOTENCE"),
+        ({"max_in_flight_requests_per_connection": 6}, "OUTBOX_KAFKA_MAX_IN_FLIGHT_REQUESTS_PER_CONNECTION"),
+        ({"retries": 0}, "OUTBOX_KAFKA_RETRIES"),
+        ({"transactional_id": "x"}, "OUTBOX_KAFKA_TRANSACTIONAL_ID"),
+    ],
+)
+def test_relay_refuses_settings_that_break_order_or_idempotence(
+    override: dict[str, object], setting: str
+) -> None:
+    with pytest.raises(ConfigError) as raised:
+        producer_config("127.0.0.1:9092", override)
+    assert raised.value.field == setting
+
+
+def test_relay_config_never_shows_the_password() -> None:
+    config = RelayConfig(
+        database_url="postgresql+psycopg://app:s3cret@db/payments",
+        bootstrap_servers="k:9092",
+        kafka={"sasl_plain_password": "hunter2"},
+    )
+    assert "s3cret" not in repr(config) and "hunter2" not in repr(config)
+    with pytest.raises(ConfigError, match="batch_size"):
+        RelayConfig(database_url="postgresql://x/y", bootstrap_servers="k:1", batch_size=0)
+
+
