@@ -1,0 +1,59 @@
+# outbox kit: developer entry points. `make test` is the one command that runs the tests:
+# it makes the virtualenv, starts the local PostgreSQL and Kafka (devstack/devstack,
+# no Docker needed) and runs pytest against them.
+SHELL := /bin/bash
+.DEFAULT_GOAL := test
+
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.stamp-dev
+DEVSTACK := devstack/devstack
+PYTEST_ARGS ?=
+
+# The first Python >= 3.11 on PATH (override: make PYTHON=/path/to/python3.12 venv).
+PYTHON ?= $(shell for p in python3.13 python3.12 python3.11 python3; do \
+	if command -v $$p >/dev/null 2>&1 && \
+	   $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' >/dev/null 2>&1; then \
+	   command -v $$p; break; fi; done)
+
+.PHONY: venv services test demo lint down clean
+
+## venv: .venv with the kit and its dev extra; re-installs only when pyproject.toml changes
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -n "$(PYTHON)" || { echo "make: need python3 >= 3.11 on PATH" >&2; exit 1; }
+	@test -x $(PY) || { echo "venv: creating $(VENV) with $(PYTHON)"; $(PYTHON) -m venv $(VENV); }
+	@echo "venv: pip install -e '.[dev]'"
+	@$(PY) -m pip install --disable-pip-version-check -q -e '.[dev]'
+	@touch $@
+
+## services: local PostgreSQL (127.0.0.1:54329) and Kafka (127.0.0.1:19092), idempotent
+services:
+	@$(DEVSTACK) up
+
+## test: the whole test suite against the devstack services
+test: venv services
+	@eval "$$($(DEVSTACK) env)"; \
+	export OUTBOX_TEST_DATABASE_URL="$${OUTBOX_TEST_DATABASE_URL:-$$OUTBOX_DATABASE_URL}"; \
+	export OUTBOX_TEST_KAFKA_BOOTSTRAP_SERVERS="$${OUTBOX_TEST_KAFKA_BOOTSTRAP_SERVERS:-$$OUTBOX_KAFKA_BOOTSTRAP_SERVERS}"; \
+	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+
+## demo: the payments example against the devstack services
+demo: venv services
+	@eval "$$($(DEVSTACK) env)"; $(PY) -m examples.payments.demo
+
+## lint: ruff and mypy --strict on the library
+lint: venv
+	$(VENV)/bin/ruff check outbox relay
+	$(VENV)/bin/mypy --strict outbox relay
+
+## down: stop every devstack service (state is kept)
+down:
+	@$(DEVSTACK) down
+
+## clean: stop the services and remove all local state: .devstack, .venv, caches
+clean:
+	-@$(DEVSTACK) purge
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info .stamp*
+	find . -name __pycache__ -type d -prune -not -path './.git/*' -exec rm -rf {} +
