@@ -6,6 +6,7 @@ committed events to Kafka; `Consumer` applies them exactly once on the other
 side. See the README for the guarantees and how each is tested.
 """
 
+from outbox.consumer import Consumer, ConsumerConfig, ConsumerStats
 from outbox.errors import (
     ConfigError,
     InvalidEventError,
@@ -21,6 +22,9 @@ from outbox.writer import publish, publish_async
 
 __all__ = [
     "ConfigError",
+    "Consumer",
+    "ConsumerConfig",
+    "ConsumerStats",
     "Event",
     "InvalidEventError",
     "MalformedMessageError",

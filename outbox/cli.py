@@ -95,10 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
     dead_list.add_argument("--group", help="only this consumer group")
     dead_list.add_argument("--limit", type=int, default=100)
     dead_list.set_defaults(command=dead_letters_list_command)
-    dead_replay = dead_commands.add_parser("replay", help="deliver dead letters again")
+    dead_replay = dead_commands.add_parser(
+        "replay", help="apply dead letters again through the consumer's handler"
+    )
     dead_replay.add_argument("--group", required=True)
+    dead_replay.add_argument(
+        "--handler", required=True, help="the consumer's handler as package.module:function"
+    )
     dead_replay.add_argument("ids", nargs="*", type=int, help="dead-letter ids (default: all)")
-    dead_replay.add_argument("--bootstrap-servers", help="default: $OUTBOX_KAFKA_BOOTSTRAP_SERVERS")
     dead_replay.set_defaults(command=dead_letters_replay_command)
 
     inbox = commands.add_parser("inbox", help="the consumers' record of applied event ids")
@@ -210,25 +214,24 @@ def dead_letters_list_command(args: argparse.Namespace) -> int:
 
 
 def dead_letters_replay_command(args: argparse.Namespace) -> int:
-    from outbox.config import bootstrap_servers, kafka_client_config
-    from outbox.dead_letters import replay_dead_letters
+    from outbox.dead_letters import import_handler, replay_dead_letters
 
-    count = replay_dead_letters(
-        _engine(args),
-        group=args.group,
-        ids=args.ids or None,
-        bootstrap_servers=bootstrap_servers(args.bootstrap_servers),
-        **kafka_client_config(),
+    result = replay_dead_letters(
+        _engine(args), group=args.group, ids=args.ids or None,
+        handler=import_handler(args.handler),
     )
-    print(f"outbox: {count} dead letter(s) replayed")
-    return 0
+    print(
+        f"outbox: {len(result.applied)} applied, {len(result.duplicates)} already applied, "
+        f"{len(result.skipped)} skipped, {len(result.failed)} still failing"
+    )
+    return 1 if result.failed else 0
 
 
 def inbox_purge_command(args: argparse.Namespace) -> int:
     from outbox.dead_letters import purge_inbox
 
-    with _engine(args).begin() as conn:
-        count = purge_inbox(conn, older_than=parse_duration(args.older_than), group=args.group)
+    # Each batch commits on its own: a purge of millions of rows holds no long transaction.
+    count = purge_inbox(_engine(args), older_than=parse_duration(args.older_than), group=args.group)
     print(f"outbox: {count} inbox row(s) purged")
     return 0
 

@@ -8,8 +8,8 @@ history is never touched.
 
 from __future__ import annotations
 
-import io
 from importlib import resources
+from typing import TextIO
 
 from alembic import command
 from alembic.config import Config
@@ -22,7 +22,7 @@ VERSION_TABLE = "outbox_alembic_version"
 HEAD = "outbox@head"
 
 
-def alembic_config(url: str | None = None, *, stdout: io.TextIOBase | None = None) -> Config:
+def alembic_config(url: str | None = None, *, stdout: TextIO | None = None) -> Config:
     """An Alembic `Config` for the kit's migrations, for callers that want Alembic's API."""
     cfg = Config(stdout=stdout) if stdout is not None else Config()
     cfg.set_main_option("script_location", str(resources.files("outbox._migrations")))

@@ -73,7 +73,7 @@ def publish(
         max_payload_bytes=max_payload_bytes,
     )
     if isinstance(session, Session) or _is_async(session, "AsyncSession"):
-        session.add(OutboxRow(**values))
+        session.add(OutboxRow(**values))  # type: ignore[union-attr]  # narrowed by _is_async
     elif isinstance(session, Connection):
         session.execute(insert(outbox_event).values(**values))
     elif _is_async(session, "AsyncConnection"):

@@ -53,8 +53,13 @@ PERMANENT_ERRORS: tuple[type[BaseException], ...] = (
 
 
 def producer_config(bootstrap_servers: str, overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """The producer settings: defaults, then overrides, refused if unsafe."""
-    config = {**DEFAULTS, **overrides, "bootstrap_servers": bootstrap_servers.split(",")}
+    """The producer settings: defaults, then overrides, refused if unsafe.
+
+    Overrides that are not producer settings (OUTBOX_KAFKA_* is shared with the
+    consumer, e.g. OUTBOX_KAFKA_SESSION_TIMEOUT_MS) are left out.
+    """
+    known = {k: v for k, v in overrides.items() if k in KafkaProducer.DEFAULT_CONFIG}
+    config = {**DEFAULTS, **known, "bootstrap_servers": bootstrap_servers.split(",")}
     acks = config["acks"]
     if acks not in ("all", -1, "-1"):
         raise ConfigError(
@@ -119,8 +124,8 @@ class KafkaPublisher:
             futures.append((index, future))
         producer.flush()
         for index, future in futures:
-            exc = future.exception if future.failed() else None
-            results[index] = ACKNOWLEDGED if future.succeeded() else _failed(exc)
+            failure = future.exception if future.failed() else None
+            results[index] = ACKNOWLEDGED if future.succeeded() else _failed(failure)
         deliveries = [r if r is not None else Delivery(False, "no outcome") for r in results]
         if any(not d.acknowledged for d in deliveries):
             self.close()

@@ -54,14 +54,14 @@ class Relay:
         config: RelayConfig,
         *,
         publisher: Publisher | None = None,
-        sleep: Callable[[float], None] | None = None,
+        sleep: Callable[[float], object] | None = None,
     ) -> None:
         self.config = config
         self._publisher = publisher or KafkaPublisher(config.bootstrap_servers, config.kafka)
         self.leases = ShardLeases(config.database_url, config.relay_id, ttl=config.lease_ttl)
         self._conn: psycopg.Connection[Any] | None = None
         self._stopping = threading.Event()
-        self._sleep = sleep or self._stopping.wait
+        self._sleep: Callable[[float], object] = sleep or self._stopping.wait
         self.published = 0
         self.parked = 0
 
@@ -76,7 +76,7 @@ class Relay:
                 initial=self.config.backoff_initial, max=self.config.backoff_max
             ),
             stop=lambda _state: self._stopping.is_set(),
-            sleep=self._sleep,
+            sleep=self._backoff_sleep,
             before_sleep=self._log_retry,
             reraise=True,
         )
@@ -226,6 +226,9 @@ class Relay:
         if own_fault:
             # Give a struggling topic or partition a moment before the next round.
             self._sleep(self.config.backoff_initial)
+
+    def _backoff_sleep(self, seconds: float) -> None:
+        self._sleep(seconds)
 
     def _log_retry(self, state: Any) -> None:
         exc = state.outcome.exception() if state.outcome else None

@@ -1,0 +1,332 @@
+"""The payments system as processes: relays, ledgers, payment writers, and the
+levers a fault controller pulls. The demo and the fault-injection suite both
+drive this; neither knows how a process is started or killed.
+
+    payment writers (threads of this process) → PostgreSQL
+    N x `python -m relay`                      → Kafka
+    M x `python -m examples.payments.ledger`   → PostgreSQL (ledger schema + inbox)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kafka.admin import KafkaAdminClient, NewTopic
+from sqlalchemy import Engine, create_engine, func, select, text
+
+from examples.payments.invariants import Report, check
+from examples.payments.progress import Progress
+from examples.payments.schema import applied_event, create_tables, reset_tables
+from examples.payments.service import PaymentService
+from outbox import migrate
+from outbox.stats import outbox_stats
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class Process:
+    """One child process that may be killed, paused and restarted."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], log: Path) -> None:
+        self.name, self.argv, self.env, self.log = name, argv, env, log
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.lock = threading.Lock()
+        self.starts = 0
+
+    def start(self) -> None:
+        with self.lock, open(self.log, "ab") as out:
+            self.starts += 1
+            self.proc = subprocess.Popen(
+                self.argv_for_start(), env=self.env, stdout=out, stderr=subprocess.STDOUT,
+                cwd=REPO,
+            )
+
+    def argv_for_start(self) -> list[str]:
+        return self.argv
+
+    def kill(self) -> None:
+        with self.lock:
+            if self.proc and self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGKILL)
+                self.proc.wait()
+
+    def pause(self) -> None:
+        with self.lock:
+            if self.proc and self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        with self.lock:
+            if self.proc and self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGCONT)
+
+    def stop(self) -> int:
+        with self.lock:
+            if self.proc is None:
+                return 0
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGCONT)  # a paused process cannot act on SIGTERM
+                self.proc.send_signal(signal.SIGTERM)
+                try:
+                    return self.proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    return self.proc.wait()
+            return self.proc.returncode
+
+
+class Ledger(Process):
+    """A ledger process; each start writes its consumer counters to a file of its own."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], log: Path) -> None:
+        super().__init__(name, argv, env, log)
+        self.stats_files: list[Path] = []
+
+    def argv_for_start(self) -> list[str]:
+        path = self.log.with_name(f"{self.name}-stats-{self.starts}.json")
+        self.stats_files.append(path)
+        return [*self.argv, "--stats-file", str(path)]
+
+    def counters(self) -> dict[str, int]:
+        totals: dict[str, int] = {}
+        for path in self.stats_files:
+            if path.exists():
+                for name, value in json.loads(path.read_text()).items():
+                    totals[name] = totals.get(name, 0) + int(value)
+        return totals
+
+
+@dataclass
+class Outcome:
+    report: Report
+    seconds: float
+    committed_events: int
+    published: int
+    backlog: int
+    parked: int
+    retried_creates: int
+    counters: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def lost(self) -> int:
+        return self.report.violations.get("committed event never applied", 0)
+
+
+class PaymentsSystem:
+    def __init__(
+        self,
+        *,
+        database_url: str,
+        bootstrap_servers: str,
+        workdir: Path,
+        relays: int = 1,
+        ledgers: int = 1,
+        partitions: int = 4,
+        replication: int = 1,
+        relay_env: dict[str, str] | None = None,
+    ) -> None:
+        self.database_url = database_url
+        self.bootstrap_servers = bootstrap_servers
+        self.workdir = workdir
+        run_id = uuid.uuid4().hex[:8]
+        self.topic, self.group = f"payments-{run_id}", f"ledger-{run_id}"
+        self.partitions, self.replication = partitions, replication
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.engine: Engine = create_engine(database_url, pool_size=8, max_overflow=8,
+                                            pool_pre_ping=True)
+        env = {
+            **os.environ,
+            "OUTBOX_DATABASE_URL": database_url,
+            "OUTBOX_KAFKA_BOOTSTRAP_SERVERS": bootstrap_servers,
+            "PYTHONPATH": str(REPO),
+            **(relay_env or {}),
+        }
+        self.relays = [
+            Process(f"relay-{i}", [sys.executable, "-m", "relay"], env, workdir / f"relay-{i}.log")
+            for i in range(relays)
+        ]
+        ledger_argv = [sys.executable, "-m", "examples.payments.ledger",
+                       "--topic", self.topic, "--group", self.group]
+        self.ledgers = [
+            Ledger(f"ledger-{i}", [*ledger_argv, "--instance-id", f"ledger-{i}"], env,
+                   workdir / f"ledger-{i}.log")
+            for i in range(ledgers)
+        ]
+        self.service = PaymentService(self.engine, topic=self.topic)
+        self.retried_creates = 0
+        self._started = 0.0
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def prepare(self) -> str:
+        """Schema migrated, example tables empty, a fresh topic. Returns the schema revision."""
+        migrate.upgrade(self.database_url)
+        create_tables(self.engine)
+        reset_tables(self.engine)
+        admin = KafkaAdminClient(bootstrap_servers=self.bootstrap_servers)
+        try:
+            admin.create_topics([NewTopic(self.topic, self.partitions, self.replication)])
+        finally:
+            admin.close()
+        return migrate.current(self.database_url) or "?"
+
+    def start(self) -> None:
+        self._started = time.monotonic()
+        for p in [*self.relays, *self.ledgers]:
+            p.start()
+
+    def stop(self) -> dict[str, int]:
+        return {p.name: p.stop() for p in [*self.relays, *self.ledgers]}
+
+    # -- load -----------------------------------------------------------------
+
+    def write_payments(
+        self, count: int, *, workers: int = 4, seed: int = 7, rate: float | None = None,
+        progress: bool = True,
+    ) -> None:
+        """`count` payments from `workers` threads; `rate` payments/s in total, or as fast
+        as possible. Each: create (5% retried with the same idempotency key),
+        authorise (95%), capture (95% of those), refund (10% of captures)."""
+        bar = Progress("payments written", count) if progress else None
+        lock = threading.Lock()
+        done = [0]
+        errors: list[BaseException] = []
+        interval = workers / rate if rate else 0.0
+
+        def work(worker: int) -> None:
+            rng = random.Random(seed * 1000 + worker)
+            next_at = time.monotonic()
+            for n in range(worker, count, workers):
+                if interval:
+                    next_at += interval
+                    time.sleep(max(0.0, next_at - time.monotonic()))
+                try:
+                    retried = self._one_payment(rng, f"order-{seed}-{n}")
+                except BaseException as exc:
+                    errors.append(exc)
+                    return
+                with lock:
+                    done[0] += 1
+                    self.retried_creates += int(retried)
+                    if bar:
+                        bar.update(done[0])
+
+        threads = [threading.Thread(target=work, args=(w,)) for w in range(workers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if bar:
+            bar.close(done[0])
+        if errors:
+            raise errors[0]
+
+    def _one_payment(self, rng: random.Random, key: str) -> bool:
+        service = self.service
+        p = _retry_db(lambda: service.create(
+            idempotency_key=key, merchant=f"merchant-{rng.randint(0, 16)}",
+            amount_minor=rng.randint(100, 500_000),
+        ))
+        retried = rng.random() < 0.05
+        if retried:  # the client timed out and retried: no second payment
+            again = _retry_db(lambda: service.create(
+                idempotency_key=key, merchant="x", amount_minor=1))
+            assert again.id == p.id
+        if rng.random() < 0.95:
+            _retry_db(lambda: service.authorise(p.id), already=("authorised",))
+            if rng.random() < 0.95:
+                _retry_db(lambda: service.capture(p.id), already=("captured",))
+                if rng.random() < 0.1:
+                    _retry_db(lambda: service.refund(p.id), already=("refunded",))
+        return retried
+
+    # -- observation ----------------------------------------------------------
+
+    def committed_events(self) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.execute(
+                text("SELECT coalesce(sum(version), 0) FROM payments.payment")).scalar_one())
+
+    def applied(self) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(applied_event)).scalar_one())
+
+    def wait_until_applied(self, *, timeout: float, progress: bool = True) -> bool:
+        """Until the ledger applied every committed event (True) or `timeout` (False)."""
+        committed = self.committed_events()
+        bar = Progress("ledger applied", committed) if progress else None
+        deadline = time.monotonic() + timeout
+        applied = 0
+        while time.monotonic() < deadline:
+            applied = _retry_db(self.applied)
+            if bar:
+                bar.update(applied)
+            if applied >= committed:
+                break
+            time.sleep(0.2)
+        if bar:
+            bar.close(applied)
+        return applied >= committed
+
+    def outcome(self) -> Outcome:
+        with self.engine.connect() as conn:
+            report = check(conn)
+            s = outbox_stats(conn)
+        counters: dict[str, int] = {}
+        for ledger in self.ledgers:
+            for name, value in ledger.counters().items():
+                counters[name] = counters.get(name, 0) + value
+        return Outcome(
+            report=report, seconds=time.monotonic() - self._started,
+            committed_events=self.committed_events(), published=s.published,
+            backlog=s.backlog, parked=s.parked, retried_creates=self.retried_creates,
+            counters=counters,
+        )
+
+    def recovery_after(self, moment: float) -> float | None:
+        """Seconds from `moment` (time.time()) until the ledger applied the first event
+        committed after it: how long the whole chain took to recover from a fault then."""
+        with self.engine.connect() as conn:
+            row = conn.execute(text(
+                "SELECT extract(epoch FROM min(applied_at)) FROM ledger.applied_event"
+                " WHERE event_time >= to_timestamp(:t)"
+            ), {"t": moment}).scalar_one()
+        return None if row is None else float(row) - moment
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def _retry_db(action, *, already: tuple[str, ...] = ()):  # type: ignore[no-untyped-def]
+    """Run a payment API call the way a client would during a database restart:
+    retry on a dropped connection. A retried move that already happened (its
+    first attempt committed before the connection dropped) counts as done."""
+    from sqlalchemy.exc import DBAPIError
+
+    from examples.payments.service import PaymentError
+
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            return action()
+        except PaymentError as exc:
+            if already and any(f"is {state}" in str(exc) for state in already):
+                return None
+            raise
+        except DBAPIError as exc:
+            if not exc.connection_invalidated and "terminat" not in str(exc) \
+                    and "connection" not in str(exc).lower():
+                raise
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)

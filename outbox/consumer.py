@@ -1,0 +1,690 @@
+"""The consuming side: Kafka message → inbox row + handler effect, one transaction → offset.
+
+For every message the consumer opens ONE database transaction that inserts
+the inbox row (consumer group, event id) with `INSERT ... ON CONFLICT DO
+NOTHING RETURNING` and runs your handler. The unique key decides races: when
+two members of a group meet the same event (a rebalance, a redelivery, the
+same event published twice on two partitions) the second INSERT waits for the
+first transaction and then returns nothing, so the loser skips the handler.
+The Kafka offset (offset + 1, per partition) is committed only after that
+transaction committed, never past a message whose transaction did not.
+
+    handler fails        the transaction rolls back (effect and inbox row
+                         together); tenacity retries with exponential backoff
+                         and jitter; after `max_attempts` the raw message is
+                         parked in `outbox_dead_letter` and the partition
+                         moves on (see `outbox/dead_letters.py` to replay).
+    malformed message    parked at once, no retries; the consumer keeps going.
+    database unreachable not the message's fault: never parked. The consumer
+                         waits (bounded exponential backoff) and retries the
+                         same message; its offset stays uncommitted.
+    partitions revoked   everything handled was committed before the poll
+                         that rebalances; an in-flight message is re-read by
+                         the next owner and deduplicated by the inbox.
+
+Inbox retention: the inbox only protects against redeliveries it still
+remembers. Keep inbox rows (see `purge_inbox`) longer than the topic's
+`retention.ms` plus the longest time a message may wait unconsumed;
+otherwise an old message read again would be applied twice.
+
+This module must never commit an offset ahead of the database, dead-letter a
+message because the database is down, or log a payload or a secret.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from types import FrameType
+from typing import Any, TypeVar
+
+from kafka import KafkaConsumer
+from kafka.consumer.subscription_state import ConsumerRebalanceListener
+from kafka.errors import KafkaError
+from kafka.structs import OffsetAndMetadata, TopicPartition
+from sqlalchemy import Engine, exists, literal, select
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.orm import Session
+from sqlalchemy.types import LargeBinary
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception_type,
+    retry_if_not_exception_type,
+    stop_after_attempt,
+    wait_exponential_jitter,
+    wait_random_exponential,
+)
+
+from outbox.config import (
+    bootstrap_servers as resolve_bootstrap_servers,
+)
+from outbox.config import (
+    env_float,
+    env_int,
+    kafka_client_config,
+    safe_kafka_config,
+)
+from outbox.envelope import decode, headers_as_json
+from outbox.errors import ConfigError, MalformedMessageError, OutboxError
+from outbox.event import Event
+from outbox.failpoints import failpoint
+from outbox.schema import outbox_dead_letter, outbox_inbox
+
+__all__ = ["Consumer", "ConsumerConfig", "ConsumerStats", "Handler", "apply_event"]
+
+log = logging.getLogger(__name__)
+
+FAILPOINT_AFTER_DB_COMMIT = "consumer-after-db-commit"
+ENV_PREFIX = "OUTBOX_CONSUMER_"
+
+Handler = Callable[[Session, Event], object]
+"""`handler(session, event)`: apply `event` inside `session`'s open transaction.
+
+The handler must not commit, roll back or close the session (use
+`session.begin_nested()` for a savepoint); raising is how it reports failure.
+It may run more than once for one event (retries), but its effects are
+committed at most once per consumer group.
+"""
+
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ConsumerConfig:
+    """How the consumer retries, waits and polls. Every field has a default.
+
+    Example::
+
+        Consumer(engine, group="ledger", topics=["payments"], handler=apply_payment,
+                 config=ConsumerConfig(max_attempts=3, retry_backoff_max=5.0))
+
+    `from_env()` reads the same fields from `OUTBOX_CONSUMER_<FIELD>`, e.g.
+    `OUTBOX_CONSUMER_MAX_ATTEMPTS=3`.
+    """
+
+    max_attempts: int = 5  # handler attempts before the message is dead-lettered; 1..100
+    retry_backoff_base: float = 0.2  # s; retry n waits random(0, base * 2**(n-1)); 0..3600
+    retry_backoff_max: float = 10.0  # s; cap of one handler retry wait; base..3600
+    db_backoff_base: float = 0.5  # s; first wait while the database is unreachable; >0..3600
+    db_backoff_max: float = 30.0  # s; cap of one such wait; db_backoff_base..3600
+    poll_batch_size: int = 100  # max messages per poll (kafka max_poll_records); 1..10000
+    poll_timeout_ms: int = 1000  # run()'s wait per poll, bounds stop() latency; 1..60000
+
+    def __post_init__(self) -> None:
+        _check_range("max_attempts", self.max_attempts, 1, 100)
+        _check_range("retry_backoff_base", self.retry_backoff_base, 0.0, 3600.0)
+        _check_range("retry_backoff_max", self.retry_backoff_max, self.retry_backoff_base, 3600.0)
+        if self.db_backoff_base <= 0:
+            # A zero wait would turn a database outage into a busy loop.
+            raise ConfigError(
+                "db_backoff_base", f"must be above 0 seconds, got {self.db_backoff_base}"
+            )
+        _check_range("db_backoff_base", self.db_backoff_base, 0.0, 3600.0)
+        _check_range("db_backoff_max", self.db_backoff_max, self.db_backoff_base, 3600.0)
+        _check_range("poll_batch_size", self.poll_batch_size, 1, 10_000)
+        _check_range("poll_timeout_ms", self.poll_timeout_ms, 1, 60_000)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> ConsumerConfig:
+        """The config from `OUTBOX_CONSUMER_*` variables; unset ones keep their default.
+
+        Errors name the variable, e.g. `OUTBOX_CONSUMER_MAX_ATTEMPTS: 0 is below ...`.
+        """
+        defaults = cls()
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            name = ENV_PREFIX + f.name.upper()
+            default = getattr(defaults, f.name)
+            if isinstance(default, int):
+                values[f.name] = env_int(name, default, env)
+            else:
+                values[f.name] = env_float(name, default, env)
+        try:
+            return cls(**values)
+        except ConfigError as exc:
+            message = str(exc).removeprefix(f"{exc.field}: ")
+            raise ConfigError(ENV_PREFIX + exc.field.upper(), message) from None
+
+
+def _check_range(name: str, value: float, low: float, high: float) -> None:
+    if not low <= value <= high:
+        raise ConfigError(name, f"must be between {low} and {high}, got {value}")
+
+
+@dataclass(slots=True)
+class ConsumerStats:
+    """Counters since the consumer was created. Read them; the consumer writes them."""
+
+    applied: int = 0  # handler ran and its transaction committed
+    duplicates: int = 0  # event id already in this group's inbox; handler skipped
+    dead_lettered: int = 0  # parked in outbox_dead_letter (handler kept failing, or malformed)
+    retries: int = 0  # handler attempts that failed and were retried
+    database_waits: int = 0  # backoffs because the database did not answer
+
+
+# Built once: the unique key (consumer_group, event_id) decides who applies an event.
+_INBOX_INSERT = (
+    pg_insert(outbox_inbox)
+    .on_conflict_do_nothing(index_elements=[outbox_inbox.c.consumer_group, outbox_inbox.c.event_id])
+    .returning(outbox_inbox.c.event_id)
+)
+
+
+def apply_event(session: Session, *, group: str, event: Event, handler: Handler) -> bool:
+    """Record `event` in `group`'s inbox and run `handler`, inside `session`'s transaction.
+
+    Returns False, without running the handler, when the group already has
+    the event. Nothing is committed here: the caller's commit makes the inbox
+    row and the handler's effects durable together, and a rollback discards
+    both, so the event can be applied again. The consumer and dead-letter
+    replay both go through this function.
+    """
+    if event.partition is None or event.offset is None:
+        raise MalformedMessageError(
+            f"event {event.id} has no partition/offset; only consumed events can be applied"
+        )
+    inserted = session.execute(
+        _INBOX_INSERT,
+        {
+            "consumer_group": group,
+            "event_id": event.id,
+            "topic": event.topic,
+            "partition": event.partition,
+            "offset": event.offset,
+        },
+    ).first()
+    if inserted is None:
+        return False
+    handler(session, event)
+    return True
+
+
+def describe_error(exc: BaseException, *, limit: int = 500) -> str:
+    """`Type: first line of the message`, short, for logs and the dead-letter `error` column.
+
+    Only the first line: database errors put the SQL, its parameters and the
+    offending row on later lines, and those can hold payment data. Passwords
+    in URLs or `password=` pairs are masked in what is left.
+    """
+    lines = str(exc).replace("\x00", "\\x00").strip().splitlines()
+    message = _SECRET_URL.sub(r"\1***@", lines[0] if lines else "")
+    message = _SECRET_PAIR.sub(r"\1=***", message)
+    text = f"{type(exc).__module__}.{type(exc).__qualname__}: {message}".removeprefix("builtins.")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+_SECRET_URL = re.compile(r"(://[^:/@\s]*:)[^@\s]*@")
+_SECRET_PAIR = re.compile(r"(?i)\b(password|passwd|pwd|secret|token)\s*=\s*\S+")
+
+
+class _GiveBack(Exception):
+    """Stop the batch here; the unhandled rest is re-read (stop() or time budget)."""
+
+
+class _DatabaseUnavailable(_GiveBack):
+    """The database did not answer: wait and retry the same message, never park it."""
+
+
+class Consumer:
+    """Applies events from Kafka topics exactly once per consumer group.
+
+    Example::
+
+        consumer = Consumer(engine, group="ledger", topics=["payments"], handler=apply_payment)
+        consumer.run()          # until stop() or SIGTERM; then commits and leaves the group
+
+    `bootstrap_servers` defaults to `OUTBOX_KAFKA_BOOTSTRAP_SERVERS`. Kafka
+    client settings come from `OUTBOX_KAFKA_*` (the ones KafkaConsumer knows),
+    then from `**kafka_config`, which wins. `enable_auto_commit` must stay
+    False and deserializers are not allowed: the consumer commits offsets
+    itself and needs the raw bytes to dead-letter a message faithfully.
+
+    `sleep` (default: an interruptible wait that `stop()` cuts short) is
+    injectable so tests do not wait out the backoff.
+
+    Not thread-safe, except `stop()`, which any thread or a signal handler
+    may call, twice, or before `run()`.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        group: str,
+        topics: Sequence[str],
+        handler: Handler,
+        bootstrap_servers: str | None = None,
+        config: ConsumerConfig | None = None,
+        sleep: Callable[[float], object] | None = None,
+        **kafka_config: Any,
+    ) -> None:
+        if not group:
+            raise ConfigError("group", "must be a non-empty consumer group id")
+        if isinstance(topics, str) or not topics or not all(topics):
+            raise ConfigError("topics", "must be a non-empty list of topic names")
+        self.config = config if config is not None else ConsumerConfig.from_env()
+        self.group = group
+        self.topics = tuple(topics)
+        self.stats = ConsumerStats()
+        self._engine = engine
+        self._handler = handler
+        self._kafka_config = _kafka_settings(
+            group, resolve_bootstrap_servers(bootstrap_servers), self.config, kafka_config
+        )
+        # A batch must be finished (or given back) well inside max.poll.interval.ms,
+        # or the group evicts this member while it works and a commit fails.
+        self._budget = float(self._kafka_config.get(
+            "max_poll_interval_ms", KafkaConsumer.DEFAULT_CONFIG["max_poll_interval_ms"]
+        )) / 2000
+        worst_retry = (self.config.max_attempts - 1) * self.config.retry_backoff_max
+        if worst_retry >= self._budget:
+            raise ConfigError(
+                "retry_backoff_max",
+                f"(max_attempts - 1) x retry_backoff_max = {worst_retry}s must stay under half "
+                f"of max_poll_interval_ms ({self._budget}s)",
+            )
+        self._sleep = sleep if sleep is not None else self._stopping_wait
+        self._stopping = threading.Event()
+        self._closed = False
+        self._kafka: Any = None
+        self._pending: dict[TopicPartition, int] = {}  # next offset to commit, per partition
+        self._deadline = 0.0
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def run(self) -> None:
+        """Handle messages until `stop()` or SIGTERM, then `close()`.
+
+        SIGTERM is caught only when called from the main thread, and the
+        previous handler is restored on return.
+        """
+        log.info(
+            "consumer starting: group=%s topics=%s kafka=%s",
+            self.group, ",".join(self.topics), safe_kafka_config(self._kafka_config),
+        )
+        try:
+            with self._sigterm_stops():
+                while not self._stopping.is_set():
+                    self.run_once(self.config.poll_timeout_ms)
+        finally:
+            self.close()
+        log.info(
+            "consumer stopped: group=%s applied=%s duplicates=%s dead_lettered=%s retries=%s "
+            "database_waits=%s",
+            self.group, self.stats.applied, self.stats.duplicates, self.stats.dead_lettered,
+            self.stats.retries, self.stats.database_waits,
+        )
+
+    def stop(self) -> None:
+        """Ask `run()` to return after the current message. Safe from any thread, any time."""
+        self._stopping.set()
+
+    def close(self) -> None:
+        """Commit the offsets of handled messages and leave the group. Idempotent."""
+        self._stopping.set()
+        if self._closed:
+            return
+        self._closed = True
+        if self._kafka is not None:
+            try:
+                self._commit()
+            finally:
+                self._kafka.close(autocommit=False)
+
+    def __enter__(self) -> Consumer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- the loop --------------------------------------------------------------
+
+    def run_once(self, timeout_ms: int = 0) -> int:
+        """Poll once (waiting up to `timeout_ms`), handle what arrived, commit offsets.
+
+        Returns the number of messages handled (applied, duplicates and dead
+        letters). Messages not handled, because `stop()` was called or the
+        database stayed unreachable for the whole time budget, are given back:
+        the next poll returns them again.
+        """
+        if self._closed:
+            raise OutboxError("consumer is closed")
+        kafka = self._kafka_consumer()
+        self._commit()  # a commit that failed last time, before a poll can rebalance
+        batch = kafka.poll(timeout_ms=timeout_ms, max_records=self.config.poll_batch_size)
+        self._deadline = time.monotonic() + self._budget
+        progress = {tp: records[0].offset for tp, records in batch.items() if records}
+        handled = 0
+        try:
+            for tp, records in batch.items():
+                for record in records:
+                    if self._stopping.is_set() or time.monotonic() >= self._deadline:
+                        raise _GiveBack
+                    self._handle_when_database_answers(record)
+                    progress[tp] = record.offset + 1
+                    self._pending[tp] = record.offset + 1
+                    handled += 1
+        except _GiveBack:
+            self._give_back(batch, progress)
+        except BaseException:
+            self._give_back(batch, progress)
+            raise
+        finally:
+            self._commit()
+        return handled
+
+    def _handle_when_database_answers(self, record: Any) -> None:
+        # While the database is down, retry the same message with bounded backoff;
+        # when the time budget runs out the batch is given back and polled again,
+        # which keeps this member in its group however long the outage lasts.
+        retrying = Retrying(
+            retry=retry_if_exception_type(_DatabaseUnavailable),
+            wait=wait_exponential_jitter(
+                initial=self.config.db_backoff_base,
+                max=self.config.db_backoff_max,
+                jitter=self.config.db_backoff_base,
+            ),
+            stop=self._must_give_back,
+            sleep=self._pause,
+            before_sleep=lambda state: self._log_database_wait(record, state),
+            reraise=True,
+        )
+        retrying(self._handle, record)
+
+    def _handle(self, record: Any) -> None:
+        try:
+            event = decode(
+                topic=record.topic, partition=record.partition, offset=record.offset,
+                key=record.key, value=record.value, headers=record.headers,
+            )
+        except MalformedMessageError as exc:
+            self._dead_letter(record, exc, attempts=1, event_id=_raw_event_id(record.headers))
+            return
+        try:
+            applied = self._apply_with_retries(event)
+        except _GiveBack:
+            raise
+        except Exception as exc:
+            self._dead_letter(record, exc, attempts=self.config.max_attempts, event_id=event.id)
+            return
+        if applied:
+            self.stats.applied += 1
+            failpoint(FAILPOINT_AFTER_DB_COMMIT)
+            log.debug(
+                "applied event %s type=%s topic=%s partition=%s offset=%s",
+                event.id, event.type, event.topic, event.partition, event.offset,
+            )
+        else:
+            self.stats.duplicates += 1
+            log.info(
+                "duplicate event %s skipped: group=%s topic=%s partition=%s offset=%s",
+                event.id, self.group, event.topic, event.partition, event.offset,
+            )
+
+    def _apply_with_retries(self, event: Event) -> bool:
+        retrying = Retrying(
+            retry=retry_if_not_exception_type(_GiveBack),
+            stop=stop_after_attempt(self.config.max_attempts),
+            wait=wait_random_exponential(
+                multiplier=self.config.retry_backoff_base, max=self.config.retry_backoff_max
+            ),
+            sleep=self._pause,
+            before_sleep=lambda state: self._log_retry(event, state),
+            reraise=True,
+        )
+        applied: bool = retrying(
+            self._in_transaction,
+            lambda session: apply_event(
+                session, group=self.group, event=event, handler=self._handler
+            ),
+        )
+        return applied
+
+    def _dead_letter(
+        self, record: Any, exc: BaseException, *, attempts: int, event_id: uuid.UUID | None
+    ) -> None:
+        error = describe_error(exc)
+        insert = _dead_letter_insert(
+            group=self.group, topic=record.topic, partition=record.partition,
+            offset=record.offset, event_id=event_id, key=record.key, value=record.value,
+            headers=_storable_headers(record.headers), error=error, attempts=attempts,
+        )
+        parked = self._in_transaction(lambda session: _rowcount(session.execute(insert)))
+        self.stats.dead_lettered += 1
+        failpoint(FAILPOINT_AFTER_DB_COMMIT)
+        log.error(
+            "dead-lettered message: group=%s topic=%s partition=%s offset=%s event=%s "
+            "attempts=%s error=%s%s",
+            self.group, record.topic, record.partition, record.offset, event_id, attempts, error,
+            "" if parked else " (already parked before)",
+        )
+
+    def _in_transaction(self, work: Callable[[Session], _T]) -> _T:
+        """Run `work` in one transaction; an error while the database is down is not `work`'s."""
+        try:
+            with Session(self._engine) as session, session.begin():
+                return work(session)
+        except Exception as exc:
+            # Whatever was raised (OperationalError, or a handler's wrapper of
+            # it), if the database does not answer now the message is not to
+            # blame. If it does answer, the error counts as a failed attempt.
+            if not self._database_answers():
+                raise _DatabaseUnavailable(describe_error(exc)) from exc
+            raise
+
+    def _database_answers(self) -> bool:
+        try:
+            with self._engine.connect() as conn:
+                conn.execute(select(1))
+        except Exception:
+            return False
+        return True
+
+    # -- offsets ---------------------------------------------------------------
+
+    def _commit(self) -> None:
+        if not self._pending or self._kafka is None:
+            return
+        offsets = {tp: OffsetAndMetadata(offset, "", -1) for tp, offset in self._pending.items()}
+        try:
+            self._kafka.commit(offsets)
+        except KafkaError as exc:
+            if getattr(exc, "retriable", False):
+                log.warning("offset commit failed, retrying after the next batch: %s",
+                            describe_error(exc))
+                return
+            # The group moved on (rebalance, eviction): the new owner re-reads
+            # from the last committed offset and the inbox skips what we applied.
+            log.warning("offset commit refused, handled messages will be re-read and "
+                        "deduplicated: group=%s error=%s", self.group, describe_error(exc))
+        self._pending.clear()
+
+    def _give_back(
+        self, batch: Mapping[TopicPartition, list[Any]], progress: Mapping[TopicPartition, int]
+    ) -> None:
+        for tp, records in batch.items():
+            if records and progress[tp] <= records[-1].offset:
+                self._kafka.seek(tp, progress[tp])
+
+    def _forget(self, partitions: Sequence[TopicPartition]) -> None:
+        # Called inside poll(), after run_once committed everything handled, so
+        # anything left here is a commit that failed; the next owner re-reads it.
+        for tp in partitions:
+            self._pending.pop(tp, None)
+
+    def _kafka_consumer(self) -> Any:
+        if self._kafka is None:
+            self._kafka = KafkaConsumer(**self._kafka_config)
+            self._kafka.subscribe(topics=list(self.topics), listener=_RebalanceListener(self))
+        return self._kafka
+
+    # -- waiting and stopping --------------------------------------------------
+
+    def _stopping_wait(self, seconds: float) -> None:
+        self._stopping.wait(seconds)
+
+    def _pause(self, seconds: float) -> None:
+        self._sleep(seconds)
+        if self._stopping.is_set():
+            raise _GiveBack
+
+    def _must_give_back(self, state: RetryCallState) -> bool:
+        return self._stopping.is_set() or time.monotonic() >= self._deadline
+
+    @contextmanager
+    def _sigterm_stops(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = signal.getsignal(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+    def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
+        # No logging here: a signal handler may interrupt a log call holding its lock.
+        self.stop()
+
+    # -- logs ------------------------------------------------------------------
+
+    def _log_retry(self, event: Event, state: RetryCallState) -> None:
+        self.stats.retries += 1
+        exc = state.outcome.exception() if state.outcome is not None else None
+        log.warning(
+            "handler failed, retrying: event=%s type=%s topic=%s partition=%s offset=%s "
+            "attempt=%s/%s wait=%.2fs error=%s",
+            event.id, event.type, event.topic, event.partition, event.offset,
+            state.attempt_number, self.config.max_attempts,
+            state.next_action.sleep if state.next_action else 0.0,
+            describe_error(exc) if exc is not None else "",
+        )
+
+    def _log_database_wait(self, record: Any, state: RetryCallState) -> None:
+        self.stats.database_waits += 1
+        exc = state.outcome.exception() if state.outcome is not None else None
+        log.warning(
+            "database unavailable, waiting to retry the same message: group=%s topic=%s "
+            "partition=%s offset=%s wait=%.2fs error=%s",
+            self.group, record.topic, record.partition, record.offset,
+            state.next_action.sleep if state.next_action else 0.0,
+            str(exc) if exc is not None else "",
+        )
+
+
+class _RebalanceListener(ConsumerRebalanceListener):  # type: ignore[misc]  # kafka is untyped
+    # kafka-python runs these on its IO thread while run_once is blocked in
+    # poll(); they must not call blocking consumer APIs such as commit().
+    def __init__(self, consumer: Consumer) -> None:
+        self._consumer = consumer
+
+    def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
+        log.info("partitions revoked: group=%s partitions=%s", self._consumer.group,
+                 _partitions(revoked))
+        self._consumer._forget(list(revoked))
+
+    def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
+        log.info("partitions assigned: group=%s partitions=%s", self._consumer.group,
+                 _partitions(assigned))
+
+
+def _partitions(tps: Sequence[TopicPartition]) -> str:
+    return ",".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(tps))
+
+
+def _kafka_settings(
+    group: str, servers: str, config: ConsumerConfig, overrides: Mapping[str, Any]
+) -> dict[str, Any]:
+    known = KafkaConsumer.DEFAULT_CONFIG
+    unknown = sorted(set(overrides) - set(known))
+    if unknown:
+        raise ConfigError(unknown[0], "is not a KafkaConsumer setting")
+    settings: dict[str, Any] = {
+        "bootstrap_servers": servers,
+        "group_id": group,
+        "enable_auto_commit": False,
+        "auto_offset_reset": "earliest",
+        "isolation_level": "read_committed",
+        "max_poll_records": config.poll_batch_size,
+    }
+    # OUTBOX_KAFKA_* is shared with the relay's producer: take only what a
+    # consumer understands (acks, linger_ms... are the producer's).
+    settings.update({k: v for k, v in kafka_client_config().items() if k in known})
+    settings.update(overrides)
+    if settings["group_id"] != group:
+        raise ConfigError("group_id", "is given by the `group` argument; do not pass it twice")
+    if settings["enable_auto_commit"] is not False:
+        raise ConfigError(
+            "enable_auto_commit", "must be False: offsets are committed after the database"
+        )
+    for name in ("key_deserializer", "value_deserializer"):
+        if settings.get(name) is not None:
+            raise ConfigError(name, "is not supported: the consumer decodes the raw bytes itself")
+    return settings
+
+
+def _rowcount(result: Any) -> int:
+    return int(result.rowcount)
+
+
+def _storable_headers(headers: Sequence[tuple[str, bytes]] | None) -> dict[str, str]:
+    # JSONB refuses \u0000: a header with a NUL byte (a malformed message may
+    # carry anything) is stored hex-encoded, as non-UTF-8 ones already are.
+    stored = headers_as_json(headers)
+    for name, raw in headers or ():
+        if "\x00" in name or "\x00" in stored.get(name, ""):
+            stored.pop(name, None)
+            stored[name.replace("\x00", "\\x00")] = "hex:" + bytes(raw or b"").hex()
+    return stored
+
+
+def _raw_event_id(headers: Sequence[tuple[str, bytes]] | None) -> uuid.UUID | None:
+    for name, value in headers or ():
+        if name == "ce_id":
+            try:
+                return uuid.UUID(value.decode())
+            except (ValueError, UnicodeDecodeError, AttributeError):
+                return None
+    return None
+
+
+def _dead_letter_insert(
+    *, group: str, topic: str, partition: int, offset: int, event_id: uuid.UUID | None,
+    key: bytes | None, value: bytes | None, headers: dict[str, str], error: str, attempts: int,
+) -> Any:
+    """INSERT the message unless this group parked this very message already (a redelivery)."""
+    t = outbox_dead_letter
+    row = select(
+        literal(group).label("consumer_group"),
+        literal(topic).label("topic"),
+        literal(partition).label("partition"),
+        literal(offset).label("offset"),
+        literal(event_id, t.c.event_id.type).label("event_id"),
+        literal(key, LargeBinary()).label("key"),
+        literal(value, LargeBinary()).label("value"),
+        literal(headers, JSONB()).label("headers"),
+        literal(error).label("error"),
+        literal(attempts).label("attempts"),
+    ).where(
+        ~exists().where(
+            t.c.consumer_group == group,
+            t.c.topic == topic,
+            t.c.partition == partition,
+            t.c.offset == offset,
+        )
+    )
+    return t.insert().from_select(
+        ["consumer_group", "topic", "partition", "offset", "event_id", "key", "value",
+         "headers", "error", "attempts"],
+        row,
+    )
