@@ -75,7 +75,7 @@ def publish(
     if isinstance(session, Session) or _is_async(session, "AsyncSession"):
         session.add(OutboxRow(**values))  # type: ignore[union-attr]  # narrowed by _is_async
     elif isinstance(session, Connection):
-        session.execute(insert(outbox_event).values(**values))
+        session.execute(insert(outbox_event), values)
     elif _is_async(session, "AsyncConnection"):
         raise InvalidEventError(
             "session",
@@ -93,7 +93,7 @@ def publish(
 async def publish_async(conn: AsyncConnection, **fields: Any) -> Event:
     """`publish` for an `AsyncConnection` (Core, no ORM session); same fields, same rules."""
     event, values = event_row(**fields)
-    await conn.execute(insert(outbox_event).values(**values))
+    await conn.execute(insert(outbox_event), values)
     return event
 
 

@@ -176,3 +176,16 @@ def test_event_ids_are_uuids_and_can_be_chosen(clean_db: Engine) -> None:
         session.commit()
     assert event.id == chosen
     assert event.content_type == "application/octet-stream"
+
+
+def test_one_transaction_publishing_20000_distinct_keys_commits(clean_db: Engine) -> None:
+    """The commit trigger locks key buckets, not keys: a big batch cannot exhaust the lock table."""
+    with Session(clean_db) as session:
+        for i in range(20_000):
+            outbox.publish(session, topic="payments", key=f"k-{i}", type="t", data=i)
+        session.commit()
+    with clean_db.connect() as conn:
+        numbered = conn.execute(
+            select(func.count()).select_from(outbox_event).where(outbox_event.c.position.is_not(None))
+        ).scalar_one()
+    assert numbered == 20_000

@@ -9,12 +9,16 @@ or a transaction id is *not* commit order: transaction A can take id 1, B id
 2, and B commit first. So every row is inserted with `position` NULL, and a
 deferred constraint trigger, which PostgreSQL runs at COMMIT, numbers the
 transaction's rows from a sequence while holding a transaction-scoped
-advisory lock on each of their keys. Two transactions with a common key
+advisory lock on the commit-lock bucket of each of their keys (a hash of the
+key; COMMIT_LOCK_BUCKETS of them). Two transactions with a common key
 therefore take their numbers one after the other, each after the previous one
 is committed and visible, and for one key `position` order is commit order.
 The lock is held only from the start of COMMIT until it completes, not while
-the business transaction runs. Keys are locked in a fixed (sorted) order so
-two transactions that share several keys cannot deadlock at commit.
+the business transaction runs. Buckets rather than keys, so that a
+transaction publishing thousands of keys takes at most COMMIT_LOCK_BUCKETS
+locks and never exhausts the lock table (max_locks_per_transaction); buckets
+are locked in sorted order, so transactions sharing several cannot deadlock.
+A relay shard is a union of buckets (bucket & (SHARDS - 1)).
 
 The trigger also sends one NOTIFY per transaction, a wake-up hint for the
 relay. `SET outbox.notify = off` (per session, role or database) turns it off
@@ -36,6 +40,7 @@ depends_on: str | Sequence[str] | None = None
 
 KEY_LOCK_NAMESPACE = 0x6F757462
 SHARDS = 16
+COMMIT_LOCK_BUCKETS = 64  # at most this many advisory locks per committing transaction
 
 ASSIGN_POSITIONS = f"""
 CREATE FUNCTION outbox_assign_positions() RETURNS trigger
@@ -45,14 +50,14 @@ DECLARE
     r record;
 BEGIN
     -- Every row this transaction inserted fires the trigger at COMMIT; the
-    -- first firing numbers all of them, the later ones find nothing to do.
-    IF NOT EXISTS (
-        SELECT 1 FROM outbox_event WHERE xact_id = me AND position IS NULL
-    ) THEN
+    -- first firing numbers all of them, and each later one sees with one
+    -- primary-key lookup that its row is numbered already (a scan for
+    -- "anything pending" here would make big transactions quadratic).
+    IF (SELECT position FROM outbox_event WHERE id = NEW.id) IS NOT NULL THEN
         RETURN NULL;
     END IF;
     FOR r IN
-        SELECT DISTINCT hashtext(key) AS k FROM outbox_event
+        SELECT DISTINCT hashtext(key) & {COMMIT_LOCK_BUCKETS - 1} AS k FROM outbox_event
         WHERE xact_id = me AND position IS NULL ORDER BY 1
     LOOP
         PERFORM pg_advisory_xact_lock({KEY_LOCK_NAMESPACE}, r.k);
