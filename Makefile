@@ -16,7 +16,7 @@ PYTHON ?= $(shell for p in python3.13 python3.12 python3.11 python3; do \
 	   $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' >/dev/null 2>&1; then \
 	   command -v $$p; break; fi; done)
 
-.PHONY: venv services test demo lint down clean
+.PHONY: venv services test faults demo lint down clean
 
 ## venv: .venv with the kit and its dev extra; re-installs only when pyproject.toml changes
 venv: $(STAMP)
@@ -38,6 +38,13 @@ test: venv services
 	export OUTBOX_TEST_DATABASE_URL="$${OUTBOX_TEST_DATABASE_URL:-$$OUTBOX_DATABASE_URL}"; \
 	export OUTBOX_TEST_KAFKA_BOOTSTRAP_SERVERS="$${OUTBOX_TEST_KAFKA_BOOTSTRAP_SERVERS:-$$OUTBOX_KAFKA_BOOTSTRAP_SERVERS}"; \
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+
+## faults: the long fault-injection run (OUTBOX_FAULTS_SECONDS, default here 600; OUTBOX_FAULTS_SEED)
+faults: venv services
+	@eval "$$($(DEVSTACK) env)"; \
+	export OUTBOX_TEST_DATABASE_URL="$${OUTBOX_TEST_DATABASE_URL:-$$OUTBOX_DATABASE_URL}"; \
+	export OUTBOX_TEST_KAFKA_BOOTSTRAP_SERVERS="$${OUTBOX_TEST_KAFKA_BOOTSTRAP_SERVERS:-$$OUTBOX_KAFKA_BOOTSTRAP_SERVERS}"; \
+	OUTBOX_FAULTS_SECONDS="$${OUTBOX_FAULTS_SECONDS:-600}" $(VENV)/bin/pytest -q -m faults $(PYTEST_ARGS)
 
 ## demo: the payments example against the devstack services
 demo: venv services

@@ -185,6 +185,31 @@ class PaymentsSystem:
         for p in [*self.relays, *self.ledgers]:
             p.start()
 
+    def wait_ready(self, *, timeout: float = 60) -> None:
+        """Until every shard is leased to a live relay and every ledger has joined its group."""
+        from outbox.schema import SHARDS
+
+        admin = KafkaAdminClient(bootstrap_servers=self.bootstrap_servers)
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline:
+                with self.engine.connect() as conn:
+                    leased = conn.execute(text(
+                        "SELECT count(*) FROM outbox_relay_lease WHERE expires_at > now()"
+                    )).scalar_one()
+                try:
+                    group = admin.describe_groups([self.group]).get(self.group, {})
+                except Exception:  # coordinator not ready yet
+                    group = {}
+                stable = group.get("group_state") == "Stable"
+                members = len(group.get("members") or []) if stable else 0
+                if leased == SHARDS and members == len(self.ledgers):
+                    return
+                time.sleep(0.3)
+        finally:
+            admin.close()
+        raise TimeoutError(f"relays and ledgers not ready within {timeout}s")
+
     def stop(self) -> dict[str, int]:
         return {p.name: p.stop() for p in [*self.relays, *self.ledgers]}
 
