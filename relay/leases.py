@@ -139,8 +139,4 @@ class ShardLeases:
 
     def _drop_connection(self) -> None:
         conn, self._conn = self._conn, None
-        if conn is not None:
-            try:
-                conn.close()
-            except Exception:
-                log.debug("error closing the lease connection", exc_info=True)
+        store.close_quietly(conn)

@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import psycopg
-from tenacity import Retrying, retry_if_exception_type, wait_exponential_jitter
+from tenacity import Retrying, retry_if_exception_type, wait_exponential, wait_random
 
 from outbox.envelope import encode_headers
 from outbox.failpoints import failpoint
@@ -72,9 +72,11 @@ class Relay:
         log.info("relay starting: %s", self.config.describe())
         retrying = Retrying(
             retry=retry_if_exception_type(RETRIABLE),
-            wait=wait_exponential_jitter(
-                initial=self.config.backoff_initial, max=self.config.backoff_max
-            ),
+            # Exponential from backoff_initial, capped at backoff_max, plus up to one
+            # initial step of jitter so relays restarted together do not retry in lockstep.
+            wait=wait_exponential(
+                multiplier=self.config.backoff_initial, max=self.config.backoff_max
+            ) + wait_random(0, self.config.backoff_initial),
             stop=lambda _state: self._stopping.is_set(),
             sleep=self._backoff_sleep,
             before_sleep=self._log_retry,
@@ -159,11 +161,7 @@ class Relay:
 
     def _drop_connection(self) -> None:
         conn, self._conn = self._conn, None
-        if conn is not None:
-            try:
-                conn.close()
-            except Exception:
-                log.debug("error while closing a broken connection", exc_info=True)
+        store.close_quietly(conn)
 
     def _wait_for_events(self) -> None:
         """Sleep until NOTIFY or the poll interval; a missed NOTIFY costs at most one interval."""

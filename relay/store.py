@@ -7,6 +7,7 @@ transaction is ever held open while the broker is being waited for.
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ import psycopg
 from sqlalchemy.engine import make_url
 
 from outbox.schema import NOTIFY_CHANNEL, PUBLISHED_COUNTER
+
+log = logging.getLogger(__name__)
 
 _RECORD_FAILURE = """
 UPDATE outbox_event SET attempts = attempts + 1, last_error = %s
@@ -76,6 +79,16 @@ def connect(
     return psycopg.connect(
         autocommit=True, **{k: v for k, v in params.items() if v is not None}
     )
+
+
+def close_quietly(conn: psycopg.Connection[Any] | None) -> None:
+    """Close a connection that may already be broken; closing must not hide the real error."""
+    if conn is None:
+        return
+    try:
+        conn.close()
+    except Exception:
+        log.debug("error while closing a broken connection", exc_info=True)
 
 
 def listen(conn: psycopg.Connection[Any]) -> None:
