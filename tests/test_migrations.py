@@ -105,3 +105,24 @@ def test_missing_database_url_says_what_to_do() -> None:
     )
     assert result.returncode == 2
     assert "OUTBOX_DATABASE_URL" in result.stderr
+
+
+def test_stats_prints_the_backlog_formula(clean_db: object, database_url: str) -> None:
+    from sqlalchemy import Engine
+    from sqlalchemy.orm import Session
+
+    import outbox
+
+    assert isinstance(clean_db, Engine)
+    with Session(clean_db) as session:
+        for i in range(3):
+            outbox.publish(session, topic="payments", key=f"k{i}", type="t", data={})
+        session.commit()
+    result = outbox_cli(database_url, "stats")
+    assert result.returncode == 0, result.stderr
+    lines = dict(line.rsplit(None, 1) for line in result.stdout.strip().splitlines())
+    assert lines["committed (n)"] == "3"
+    assert lines["published (m)"] == "0"
+    assert lines["backlog (Q = n - m)"] == "3"
+    assert lines["parked"] == "0"
+    assert lines["oldest unpublished"].endswith("s")
