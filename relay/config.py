@@ -40,6 +40,7 @@ class RelayConfig:
     batch_size: int = 500  # OUTBOX_RELAY_BATCH_SIZE: events per fetch/publish/delete round, 1..10000
     poll_interval: float = 1.0  # OUTBOX_RELAY_POLL_INTERVAL: seconds between polls when no NOTIFY arrives
     listen: bool = True  # OUTBOX_RELAY_LISTEN: wake on NOTIFY (polling still runs as a fallback)
+    linger_ms: int = 10  # OUTBOX_RELAY_LINGER_MS: after a NOTIFY, wait this long so a burst is one round
     max_attempts: int = 5  # OUTBOX_RELAY_MAX_ATTEMPTS: failed publishes of one event before it is parked
     backoff_initial: float = 0.2  # OUTBOX_RELAY_BACKOFF_INITIAL: first wait after an outage, seconds
     backoff_max: float = 10.0  # OUTBOX_RELAY_BACKOFF_MAX: longest wait between retries, seconds
@@ -58,6 +59,8 @@ class RelayConfig:
             raise ConfigError(
                 "backoff_initial", "need 0 < backoff_initial <= backoff_max <= 600 seconds"
             )
+        if not 0 <= self.linger_ms <= 1000:
+            raise ConfigError("linger_ms", f"{self.linger_ms} is out of range 0..1000 ms")
         if not self.source:
             raise ConfigError("source", "must not be empty")
         if not 0.3 <= self.lease_ttl <= 300:
@@ -77,6 +80,7 @@ class RelayConfig:
             "poll_interval": env_float("OUTBOX_RELAY_POLL_INTERVAL", cls.poll_interval, env),
             "listen": env.get("OUTBOX_RELAY_LISTEN", "true").lower() not in ("0", "false", "no"),
             "max_attempts": env_int("OUTBOX_RELAY_MAX_ATTEMPTS", cls.max_attempts, env),
+            "linger_ms": env_int("OUTBOX_RELAY_LINGER_MS", cls.linger_ms, env),
             "backoff_initial": env_float("OUTBOX_RELAY_BACKOFF_INITIAL", cls.backoff_initial, env),
             "backoff_max": env_float("OUTBOX_RELAY_BACKOFF_MAX", cls.backoff_max, env),
             "lease_ttl": env_float("OUTBOX_RELAY_LEASE_TTL", cls.lease_ttl, env),
@@ -91,7 +95,7 @@ class RelayConfig:
         return (
             f"database={safe_url(self.database_url)} kafka={self.bootstrap_servers} "
             f"batch_size={self.batch_size} poll_interval={self.poll_interval}s "
-            f"listen={self.listen} max_attempts={self.max_attempts} "
+            f"listen={self.listen} linger_ms={self.linger_ms} max_attempts={self.max_attempts} "
             f"lease_ttl={self.lease_ttl}s relay_id={self.relay_id} "
             f"kafka_overrides={safe_kafka_config(self.kafka)}"
         )

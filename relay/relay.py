@@ -170,8 +170,16 @@ class Relay:
             self._sleep(self.config.poll_interval)
             return
         # Notifications that arrived while we were publishing are delivered at once.
+        woken = False
         for _ in conn.notifies(timeout=self.config.poll_interval, stop_after=1):
+            woken = True
             break
+        if woken and self.config.linger_ms:
+            # Every committing transaction notifies; without a pause each commit
+            # would cost a whole round (fetch, send, flush, delete) of its own.
+            self._sleep(self.config.linger_ms / 1000)
+            for _ in conn.notifies(timeout=0):
+                pass  # all answered by the next round
 
     def _message(self, row: store.Row) -> Message:
         return Message(
