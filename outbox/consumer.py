@@ -1,23 +1,36 @@
-"""The consuming side: Kafka message → inbox row + handler effect, one transaction → offset.
+"""The consuming side: Kafka messages → inbox rows + handler effects, one transaction → offsets.
 
-For every message the consumer opens ONE database transaction that inserts
-the inbox row (consumer group, event id) with `INSERT ... ON CONFLICT DO
-NOTHING RETURNING` and runs your handler. The unique key decides races: when
-two members of a group meet the same event (a rebalance, a redelivery, the
-same event published twice on two partitions) the second INSERT waits for the
-first transaction and then returns nothing, so the loser skips the handler.
-The Kafka offset (offset + 1, per partition) is committed only after that
-transaction committed, never past a message whose transaction did not.
+The messages of one poll are applied in ONE database transaction (up to
+`transaction_batch_size` of them; 1 gives a transaction per message), each
+inside its own SAVEPOINT: insert the inbox row (consumer group, event id) with
+`INSERT ... ON CONFLICT DO NOTHING RETURNING`, and if it was new run your
+handler. The unique key decides races: when two members of a group meet the
+same event (a rebalance, a redelivery, the same event published twice on two
+partitions) the second INSERT waits for the first transaction and then
+returns nothing, so the loser skips the handler (two batches that meet the
+same events in opposite order deadlock; PostgreSQL fails one INSERT, which
+counts as a failed attempt of that message). Kafka offsets (offset + 1,
+per partition) are committed only after the transaction committed, at the end
+of `run_once`, never past a message whose transaction did not commit. One
+commit per batch saves a WAL flush per message; each savepoint costs two
+round trips instead, so the gain is largest where commits are slow
+(synchronous replication, network disks).
 
-    handler fails        the transaction rolls back (effect and inbox row
-                         together); tenacity retries with exponential backoff
-                         and jitter; after `max_attempts` the raw message is
-                         parked in `outbox_dead_letter` and the partition
-                         moves on (see `outbox/dead_letters.py` to replay).
-    malformed message    parked at once, no retries; the consumer keeps going.
-    database unreachable not the message's fault: never parked. The consumer
+    handler fails        its savepoint rolls back (its effect and inbox row
+                         together, nothing else); the messages before it
+                         commit; it is retried alone, in its own
+                         transactions, with exponential backoff and jitter
+                         (tenacity; the batch's try was attempt 1); after
+                         `max_attempts` the raw message is parked in
+                         `outbox_dead_letter` (see `outbox/dead_letters.py`
+                         to replay); batching goes on with the next message.
+    malformed message    parked at once, in the batch's transaction, no retries.
+    database unreachable not the messages' fault: never parked. The consumer
                          waits (bounded exponential backoff) and retries the
-                         same message; its offset stays uncommitted.
+                         uncommitted messages; their offsets stay uncommitted.
+    batch commit fails   while the database answers (a deferred constraint, a
+                         dropped connection): nobody can be blamed yet, so
+                         that batch's messages are applied one by one.
     partitions revoked   everything handled was committed before the poll
                          that rebalances; an in-flight message is re-read by
                          the next owner and deduplicated by the inbox.
@@ -42,6 +55,7 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
+from functools import partial
 from types import FrameType
 from typing import Any, TypeVar
 
@@ -52,7 +66,7 @@ from kafka.structs import OffsetAndMetadata, TopicPartition
 from sqlalchemy import Engine, exists, literal, select
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.types import LargeBinary
 from tenacity import (
     RetryCallState,
@@ -60,7 +74,8 @@ from tenacity import (
     retry_if_exception_type,
     retry_if_not_exception_type,
     stop_after_attempt,
-    wait_exponential_jitter,
+    wait_exponential,
+    wait_random,
     wait_random_exponential,
 )
 
@@ -89,10 +104,14 @@ ENV_PREFIX = "OUTBOX_CONSUMER_"
 Handler = Callable[[Session, Event], object]
 """`handler(session, event)`: apply `event` inside `session`'s open transaction.
 
-The handler must not commit, roll back or close the session (use
-`session.begin_nested()` for a savepoint); raising is how it reports failure.
-It may run more than once for one event (retries), but its effects are
-committed at most once per consumer group.
+It runs inside a SAVEPOINT of a transaction that also holds other events of
+the batch. It must not commit, roll back or close the session; it may open
+savepoints of its own with `session.begin_nested()`. Raising is how it
+reports failure: its savepoint is rolled back, which undoes its own writes
+and nothing else. A database error it catches and swallows also counts as a
+failure (PostgreSQL aborted the transaction; only a savepoint of the
+handler's own could have kept the work). It may run more than once for one
+event (retries), but its effects are committed at most once per consumer group.
 """
 
 _T = TypeVar("_T")
@@ -109,6 +128,13 @@ class ConsumerConfig:
 
     `from_env()` reads the same fields from `OUTBOX_CONSUMER_<FIELD>`, e.g.
     `OUTBOX_CONSUMER_MAX_ATTEMPTS=3`.
+
+    `transaction_batch_size` 1 gives a transaction per message. Keep it at
+    64 or below, fewer if handlers open savepoints that write: each
+    message's savepoint takes a subtransaction id, PostgreSQL keeps 64 per
+    transaction in shared memory, and beyond that every other session's
+    snapshots must read `pg_subtrans` while the batch is open, which slows
+    the whole database (replicas most).
     """
 
     max_attempts: int = 5  # handler attempts before the message is dead-lettered; 1..100
@@ -118,6 +144,7 @@ class ConsumerConfig:
     db_backoff_max: float = 30.0  # s; cap of one such wait; db_backoff_base..3600
     poll_batch_size: int = 100  # max messages per poll (kafka max_poll_records); 1..10000
     poll_timeout_ms: int = 1000  # run()'s wait per poll, bounds stop() latency; 1..60000
+    transaction_batch_size: int = 50  # messages per DB transaction, a savepoint each (see above); 1..10000
 
     def __post_init__(self) -> None:
         _check_range("max_attempts", self.max_attempts, 1, 100)
@@ -132,6 +159,7 @@ class ConsumerConfig:
         _check_range("db_backoff_max", self.db_backoff_max, self.db_backoff_base, 3600.0)
         _check_range("poll_batch_size", self.poll_batch_size, 1, 10_000)
         _check_range("poll_timeout_ms", self.poll_timeout_ms, 1, 60_000)
+        _check_range("transaction_batch_size", self.transaction_batch_size, 1, 10_000)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ConsumerConfig:
@@ -231,7 +259,11 @@ class _GiveBack(Exception):
 
 
 class _DatabaseUnavailable(_GiveBack):
-    """The database did not answer: wait and retry the same message, never park it."""
+    """The database did not answer: wait and retry the same messages, never park them."""
+
+
+class _TransactionFailed(Exception):
+    """A batch's transaction failed as a whole while the database answers: apply its messages alone."""
 
 
 class Consumer:
@@ -351,6 +383,9 @@ class Consumer:
     def run_once(self, timeout_ms: int = 0) -> int:
         """Poll once (waiting up to `timeout_ms`), handle what arrived, commit offsets.
 
+        The messages are applied in transactions of up to
+        `transaction_batch_size`, a savepoint each (see the module docstring);
+        the offsets are committed once, at the end, after those transactions.
         Returns the number of messages handled (applied, duplicates and dead
         letters). Messages not handled, because `stop()` was called or the
         database stayed unreachable for the whole time budget, are given back:
@@ -363,16 +398,40 @@ class Consumer:
         batch = kafka.poll(timeout_ms=timeout_ms, max_records=self.config.poll_batch_size)
         self._deadline = time.monotonic() + self._budget
         progress = {tp: records[0].offset for tp, records in batch.items() if records}
+        records = [record for records in batch.values() for record in records]
         handled = 0
+
+        def done(record: Any) -> None:  # its transaction committed: its offset may follow
+            nonlocal handled
+            tp = TopicPartition(record.topic, record.partition)
+            progress[tp] = self._pending[tp] = record.offset + 1
+            handled += 1
+
+        alone_until = 0  # messages of a batch whose transaction failed as a whole go alone
         try:
-            for tp, records in batch.items():
-                for record in records:
-                    if self._stopping.is_set() or time.monotonic() >= self._deadline:
-                        raise _GiveBack
-                    self._handle_when_database_answers(record)
-                    progress[tp] = record.offset + 1
-                    self._pending[tp] = record.offset + 1
-                    handled += 1
+            while handled < len(records):
+                if self._out_of_time():
+                    raise _GiveBack
+                if handled < alone_until:
+                    record = records[handled]
+                    self._handle_alone(record)
+                    done(record)
+                    continue
+                chunk = records[handled : handled + self.config.transaction_batch_size]
+                try:
+                    committed, failed = self._while_database_down(chunk[0], len(chunk))(
+                        self._apply_batch, chunk
+                    )
+                except _TransactionFailed as exc:
+                    self._log_batch_failure(chunk, exc)
+                    alone_until = handled + len(chunk)
+                    continue
+                for record in committed:
+                    done(record)
+                if failed is not None:
+                    record, error = failed
+                    self._handle_alone(record, error)
+                    done(record)
         except _GiveBack:
             self._give_back(batch, progress)
         except BaseException:
@@ -382,55 +441,89 @@ class Consumer:
             self._commit()
         return handled
 
-    def _handle_when_database_answers(self, record: Any) -> None:
-        # While the database is down, retry the same message with bounded backoff;
-        # when the time budget runs out the batch is given back and polled again,
-        # which keeps this member in its group however long the outage lasts.
-        retrying = Retrying(
-            retry=retry_if_exception_type(_DatabaseUnavailable),
-            wait=wait_exponential_jitter(
-                initial=self.config.db_backoff_base,
-                max=self.config.db_backoff_max,
-                jitter=self.config.db_backoff_base,
-            ),
-            stop=self._must_give_back,
-            sleep=self._pause,
-            before_sleep=lambda state: self._log_database_wait(record, state),
-            reraise=True,
-        )
-        retrying(self._handle, record)
+    def _apply_batch(self, records: Sequence[Any]) -> tuple[list[Any], tuple[Any, Exception] | None]:
+        """Apply `records` in one transaction, a savepoint each, up to the first handler failure.
 
-    def _handle(self, record: Any) -> None:
+        Returns the records whose work committed, in order, and the record
+        whose handler raised (its savepoint rolled back, its error kept for
+        the retries) or None; the records after it are not touched. Raises
+        `_DatabaseUnavailable` when nothing committed because the database
+        does not answer, `_TransactionFailed` when the transaction failed as
+        a whole although it does.
+        """
+        done: list[tuple[Any, Callable[[], None]]] = []  # record, its stats and log line
+        failed: tuple[Any, Exception] | None = None
         try:
-            event = decode(
-                topic=record.topic, partition=record.partition, offset=record.offset,
-                key=record.key, value=record.value, headers=record.headers,
-            )
+            with Session(self._engine) as session:
+                transaction = session.begin()
+                for record in records:
+                    if done and self._out_of_time():
+                        break  # commit what is done; the rest is given back
+                    try:
+                        event = _decode(record)
+                    except MalformedMessageError as exc:
+                        note = self._park(session, record, exc, attempts=1,
+                                          event_id=_raw_event_id(record.headers))
+                        done.append((record, note))
+                        continue
+                    try:
+                        with session.begin_nested():
+                            applied = self._apply(session, event)
+                    except Exception as exc:
+                        failed = (record, exc)
+                        break
+                    done.append((record, partial(self._note_applied, event, applied)))
+                if done:
+                    _check_transaction(session, transaction)
+                    session.commit()
+        except Exception as exc:
+            # The transaction as a whole (a savepoint that could not be rolled
+            # back, a dead letter, the commit): nothing of it committed.
+            if not self._database_answers():
+                raise _DatabaseUnavailable(describe_error(exc)) from exc
+            raise _TransactionFailed(describe_error(exc)) from exc
+        if done:
+            failpoint(FAILPOINT_AFTER_DB_COMMIT)
+            for _, note in done:
+                note()
+        # Checked after the session gave its connection back, so that a pool of
+        # one connection cannot make the check wait for the session itself.
+        if failed is not None and not self._database_answers():
+            # Not the message's fault: with nothing committed, wait and retry
+            # the whole batch; otherwise the message heads the next one.
+            if not done:
+                raise _DatabaseUnavailable(describe_error(failed[1])) from failed[1]
+            failed = None
+        return [record for record, _ in done], failed
+
+    def _handle_alone(self, record: Any, failed_attempt: Exception | None = None) -> None:
+        """One message in transactions of its own: retries, then a dead letter; outages waited out.
+
+        `failed_attempt` is the error of the attempt already made inside a
+        batch's savepoint: it counts as attempt 1.
+        """
+        for attempt in self._while_database_down(record, 1):
+            with attempt:
+                self._handle(record, failed_attempt)
+            failed_attempt = None  # after an outage the message starts over with fresh attempts
+
+    def _handle(self, record: Any, failed_attempt: Exception | None) -> None:
+        try:
+            event = _decode(record)
         except MalformedMessageError as exc:
             self._dead_letter(record, exc, attempts=1, event_id=_raw_event_id(record.headers))
             return
         try:
-            applied = self._apply_with_retries(event)
+            applied = self._apply_with_retries(event, failed_attempt)
         except _GiveBack:
             raise
         except Exception as exc:
             self._dead_letter(record, exc, attempts=self.config.max_attempts, event_id=event.id)
             return
-        if applied:
-            self.stats.applied += 1
-            failpoint(FAILPOINT_AFTER_DB_COMMIT)
-            log.debug(
-                "applied event %s type=%s topic=%s partition=%s offset=%s",
-                event.id, event.type, event.topic, event.partition, event.offset,
-            )
-        else:
-            self.stats.duplicates += 1
-            log.info(
-                "duplicate event %s skipped: group=%s topic=%s partition=%s offset=%s",
-                event.id, self.group, event.topic, event.partition, event.offset,
-            )
+        failpoint(FAILPOINT_AFTER_DB_COMMIT)
+        self._note_applied(event, applied)
 
-    def _apply_with_retries(self, event: Event) -> bool:
+    def _apply_with_retries(self, event: Event, failed_attempt: Exception | None) -> bool:
         retrying = Retrying(
             retry=retry_if_not_exception_type(_GiveBack),
             stop=stop_after_attempt(self.config.max_attempts),
@@ -441,32 +534,45 @@ class Consumer:
             before_sleep=lambda state: self._log_retry(event, state),
             reraise=True,
         )
-        applied: bool = retrying(
-            self._in_transaction,
-            lambda session: apply_event(
-                session, group=self.group, event=event, handler=self._handler
-            ),
-        )
+        earlier = [failed_attempt] if failed_attempt is not None else []
+
+        def attempt() -> bool:
+            if earlier:
+                raise earlier.pop()  # made in the batch: counted, logged and waited for as any
+            return self._in_transaction(lambda session: self._apply(session, event))
+
+        applied: bool = retrying(attempt)
+        return applied
+
+    def _apply(self, session: Session, event: Event) -> bool:
+        transaction = session.get_transaction()
+        applied = apply_event(session, group=self.group, event=event, handler=self._handler)
+        session.flush()  # the handler's pending ORM changes: if they fail, it is the handler's try
+        _check_transaction(session, transaction)
         return applied
 
     def _dead_letter(
         self, record: Any, exc: BaseException, *, attempts: int, event_id: uuid.UUID | None
     ) -> None:
+        note = self._in_transaction(
+            lambda session: self._park(session, record, exc, attempts=attempts, event_id=event_id)
+        )
+        failpoint(FAILPOINT_AFTER_DB_COMMIT)
+        note()
+
+    def _park(
+        self, session: Session, record: Any, exc: BaseException, *, attempts: int,
+        event_id: uuid.UUID | None,
+    ) -> Callable[[], None]:
+        """Add the dead letter to `session`'s transaction; returns its stats and log, for after commit."""
         error = describe_error(exc)
         insert = _dead_letter_insert(
             group=self.group, topic=record.topic, partition=record.partition,
             offset=record.offset, event_id=event_id, key=record.key, value=record.value,
             headers=_storable_headers(record.headers), error=error, attempts=attempts,
         )
-        parked = self._in_transaction(lambda session: _rowcount(session.execute(insert)))
-        self.stats.dead_lettered += 1
-        failpoint(FAILPOINT_AFTER_DB_COMMIT)
-        log.error(
-            "dead-lettered message: group=%s topic=%s partition=%s offset=%s event=%s "
-            "attempts=%s error=%s%s",
-            self.group, record.topic, record.partition, record.offset, event_id, attempts, error,
-            "" if parked else " (already parked before)",
-        )
+        parked = _rowcount(session.execute(insert)) > 0
+        return partial(self._note_parked, record, error, attempts, event_id, parked)
 
     def _in_transaction(self, work: Callable[[Session], _T]) -> _T:
         """Run `work` in one transaction; an error while the database is down is not `work`'s."""
@@ -537,7 +643,26 @@ class Consumer:
         if self._stopping.is_set():
             raise _GiveBack
 
+    def _while_database_down(self, first: Any, messages: int) -> Retrying:
+        # While the database is down, retry the same messages with bounded backoff;
+        # when the time budget runs out the batch is given back and polled again,
+        # which keeps this member in its group however long the outage lasts.
+        return Retrying(
+            retry=retry_if_exception_type(_DatabaseUnavailable),
+            # tenacity deprecates wait_exponential_jitter(initial=...); this is the same curve.
+            wait=wait_exponential(
+                multiplier=self.config.db_backoff_base, max=self.config.db_backoff_max
+            ) + wait_random(0, self.config.db_backoff_base),
+            stop=self._must_give_back,
+            sleep=self._pause,
+            before_sleep=lambda state: self._log_database_wait(first, messages, state),
+            reraise=True,
+        )
+
     def _must_give_back(self, state: RetryCallState) -> bool:
+        return self._out_of_time()
+
+    def _out_of_time(self) -> bool:
         return self._stopping.is_set() or time.monotonic() >= self._deadline
 
     @contextmanager
@@ -556,7 +681,32 @@ class Consumer:
         # No logging here: a signal handler may interrupt a log call holding its lock.
         self.stop()
 
-    # -- logs ------------------------------------------------------------------
+    # -- stats and logs --------------------------------------------------------
+
+    def _note_applied(self, event: Event, applied: bool) -> None:
+        if applied:
+            self.stats.applied += 1
+            log.debug(
+                "applied event %s type=%s topic=%s partition=%s offset=%s",
+                event.id, event.type, event.topic, event.partition, event.offset,
+            )
+        else:
+            self.stats.duplicates += 1
+            log.info(
+                "duplicate event %s skipped: group=%s topic=%s partition=%s offset=%s",
+                event.id, self.group, event.topic, event.partition, event.offset,
+            )
+
+    def _note_parked(
+        self, record: Any, error: str, attempts: int, event_id: uuid.UUID | None, parked: bool
+    ) -> None:
+        self.stats.dead_lettered += 1
+        log.error(
+            "dead-lettered message: group=%s topic=%s partition=%s offset=%s event=%s "
+            "attempts=%s error=%s%s",
+            self.group, record.topic, record.partition, record.offset, event_id, attempts, error,
+            "" if parked else " (already parked before)",
+        )
 
     def _log_retry(self, event: Event, state: RetryCallState) -> None:
         self.stats.retries += 1
@@ -570,15 +720,23 @@ class Consumer:
             describe_error(exc) if exc is not None else "",
         )
 
-    def _log_database_wait(self, record: Any, state: RetryCallState) -> None:
+    def _log_database_wait(self, first: Any, messages: int, state: RetryCallState) -> None:
         self.stats.database_waits += 1
         exc = state.outcome.exception() if state.outcome is not None else None
         log.warning(
-            "database unavailable, waiting to retry the same message: group=%s topic=%s "
-            "partition=%s offset=%s wait=%.2fs error=%s",
-            self.group, record.topic, record.partition, record.offset,
+            "database unavailable, waiting to retry the same messages: group=%s topic=%s "
+            "partition=%s offset=%s messages=%s wait=%.2fs error=%s",
+            self.group, first.topic, first.partition, first.offset, messages,
             state.next_action.sleep if state.next_action else 0.0,
             str(exc) if exc is not None else "",
+        )
+
+    def _log_batch_failure(self, records: Sequence[Any], exc: _TransactionFailed) -> None:
+        first = records[0]
+        log.warning(
+            "batch transaction failed, applying its messages one by one: group=%s topic=%s "
+            "partition=%s offset=%s messages=%s error=%s",
+            self.group, first.topic, first.partition, first.offset, len(records), exc,
         )
 
 
@@ -635,6 +793,41 @@ def _kafka_settings(
 
 def _rowcount(result: Any) -> int:
     return int(result.rowcount)
+
+
+def _decode(record: Any) -> Event:
+    return decode(
+        topic=record.topic, partition=record.partition, offset=record.offset,
+        key=record.key, value=record.value, headers=record.headers,
+    )
+
+
+_PQTRANS_INERROR = 3  # libpq's transaction status "in a failed transaction block" (psycopg, psycopg2)
+
+
+def _check_transaction(session: Session, expected: SessionTransaction | None) -> None:
+    """Raise unless `session` is still in `expected` and PostgreSQL has not aborted it.
+
+    Both catch a handler that broke its contract without raising. One that
+    swallowed a database error leaves the transaction aborted: COMMIT would
+    quietly roll everything back (the driver raises nothing, so the messages
+    would count as applied and their offsets move on), and a failed RELEASE
+    SAVEPOINT leaves the transaction unusable (SQLAlchemy then emits no
+    ROLLBACK TO SAVEPOINT). One that committed or rolled back ended the
+    transaction, and the session would quietly begin another. Raised inside
+    the savepoint, the error rolls back that message alone.
+    """
+    if session.get_transaction() is not expected:
+        raise OutboxError("the handler committed or rolled back the session's transaction")
+    dbapi = session.connection().connection.dbapi_connection
+    status = getattr(getattr(dbapi, "info", None), "transaction_status", None)
+    if status is None:  # a driver that does not say: the server refuses a statement then
+        session.execute(select(1))
+    elif status == _PQTRANS_INERROR:
+        raise OutboxError(
+            "a database error was swallowed inside the handler and PostgreSQL aborted the "
+            "transaction; wrap the statement in session.begin_nested() to recover from it"
+        )
 
 
 def _storable_headers(headers: Sequence[tuple[str, bytes]] | None) -> dict[str, str]:

@@ -5,9 +5,9 @@ passes `failpoint(name)` (N defaults to 1) the process sends itself SIGKILL:
 no `finally`, no atexit, no flush, as when the machine loses power. The
 names in use:
 
-    consumer-after-db-commit   a message's transaction (inbox + effect, or its
-                               dead letter) committed, its Kafka offset not
-                               yet (outbox/consumer.py)
+    consumer-after-db-commit   a consumer transaction (a batch of inbox rows
+                               and effects, or dead letters) committed, its
+                               Kafka offsets not yet (outbox/consumer.py)
     relay-after-ack            the broker acknowledged, the outbox row not yet
                                deleted (relay/)
 

@@ -9,6 +9,7 @@ fixtures fail loudly; they never skip.
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -67,6 +68,7 @@ def make_topic(admin: KafkaAdminClient) -> Iterator[object]:
     def make(prefix: str = "t", partitions: int = 4) -> str:
         name = f"{prefix}-{uuid.uuid4().hex[:10]}"
         admin.create_topics([NewTopic(name, partitions, 1)])
+        _wait_for_leaders(admin, name, partitions)
         return name
 
     yield make
@@ -78,3 +80,16 @@ def topic(make_topic: object) -> str:
     name = make_topic()
     assert isinstance(name, str)
     return name
+
+
+def _wait_for_leaders(admin: KafkaAdminClient, topic: str, partitions: int) -> None:
+    """Until every partition of a new topic has a leader: a client that subscribes
+    sooner can see no partitions at all and wait for nothing."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        described = admin.describe_topics([topic])
+        parts = described[0].get("partitions") or [] if described else []
+        if len(parts) == partitions and all(p.get("leader_id", -1) >= 0 for p in parts):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"topic {topic} has no leader for every partition after 30 s")

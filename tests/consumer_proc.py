@@ -1,6 +1,6 @@
 """A consumer in its own process, so a test can SIGKILL it (via OUTBOX_FAILPOINT) and restart it.
 
-    python -m tests.consumer_proc --group G --topic T --expect N
+    python -m tests.consumer_proc --group G --topic T --expect N [--transaction-batch-size B]
 
 Reads OUTBOX_DATABASE_URL and OUTBOX_KAFKA_BOOTSTRAP_SERVERS. The handler
 inserts one row per application into `test_consumer_effect` (no unique key,
@@ -48,6 +48,8 @@ def main() -> int:
     parser.add_argument("--topic", required=True)
     parser.add_argument("--expect", type=int, required=True)
     parser.add_argument("--timeout", type=float, default=60.0)
+    parser.add_argument("--transaction-batch-size", type=int,
+                        default=ConsumerConfig().transaction_batch_size)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(levelname)s %(name)s %(message)s")
@@ -58,7 +60,8 @@ def main() -> int:
         conn.execute(text(EFFECT_TABLE_DDL))
     consumer = Consumer(
         engine, group=args.group, topics=[args.topic], handler=record_effect,
-        config=ConsumerConfig(poll_timeout_ms=200),
+        config=ConsumerConfig(poll_timeout_ms=200,
+                              transaction_batch_size=args.transaction_batch_size),
         session_timeout_ms=6000, heartbeat_interval_ms=1000,
     )
     deadline = time.monotonic() + args.timeout

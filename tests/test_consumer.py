@@ -9,6 +9,7 @@ unique key, so a double application would show as two rows.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -194,15 +195,18 @@ def test_two_transactions_racing_on_one_event_id_apply_it_once(effects: Engine, 
 
 def run_consumer_process(
     group: str, topic: str, expect: int, database_url: str, bootstrap_servers: str,
-    failpoint: str | None = None,
+    failpoint: str | None = None, transaction_batch_size: int | None = None,
 ) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("OUTBOX_")}
     env.update(OUTBOX_DATABASE_URL=database_url, OUTBOX_KAFKA_BOOTSTRAP_SERVERS=bootstrap_servers)
     if failpoint:
         env[FAILPOINT_ENV] = failpoint
+    batching = [] if transaction_batch_size is None else [
+        "--transaction-batch-size", str(transaction_batch_size)
+    ]
     return subprocess.run(
         [sys.executable, "-m", "tests.consumer_proc", "--group", group, "--topic", topic,
-         "--expect", str(expect)],
+         "--expect", str(expect), *batching],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=90,
     )
 
@@ -213,13 +217,15 @@ def test_consumer_killed_between_db_commit_and_offset_commit_applies_each_event_
     events = [cloud_event(key=f"acct-{i % 2}") for i in range(6)]
     produce(bootstrap_servers, topic, [(0, message) for _, message in events])
 
+    # A transaction per message, so that the third commit is the third message's.
     killed = run_consumer_process(group, topic, 6, database_url, bootstrap_servers,
-                                  failpoint="consumer-after-db-commit:3")
+                                  failpoint="consumer-after-db-commit:3", transaction_batch_size=1)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     # The third transaction committed, its offset did not: three effects so far.
     assert len(effect_rows(effects, topic)) == 3
 
-    restarted = run_consumer_process(group, topic, 6, database_url, bootstrap_servers)
+    restarted = run_consumer_process(group, topic, 6, database_url, bootstrap_servers,
+                                     transaction_batch_size=1)
     assert restarted.returncode == 0, restarted.stderr
     stats = json.loads(restarted.stdout.strip().splitlines()[-1])
 
@@ -228,6 +234,208 @@ def test_consumer_killed_between_db_commit_and_offset_commit_applies_each_event_
     assert stats["duplicates"] >= 1
     assert stats["applied"] == 3
     assert f"duplicate event {events[2][0]} skipped" in restarted.stderr
+
+
+def test_consumer_killed_after_a_batch_commit_skips_the_whole_batch_on_restart(
+    effects: Engine, database_url: str, bootstrap_servers: str, topic: str, group: str
+) -> None:
+    events = [cloud_event(key=f"acct-{i % 2}") for i in range(6)]
+    produce(bootstrap_servers, topic, [(0, message) for _, message in events])
+
+    killed = run_consumer_process(group, topic, 6, database_url, bootstrap_servers,
+                                  failpoint="consumer-after-db-commit:1")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    # The first transaction committed several messages at once, no offset did.
+    first_batch = effect_rows(effects, topic)
+    assert len(first_batch) > 1
+    assert first_batch == [event_id for event_id, _ in events[: len(first_batch)]]
+
+    # Two more after the crash, so the restarted consumer has to read past the batch.
+    later = [cloud_event() for _ in range(2)]
+    produce(bootstrap_servers, topic, [(0, message) for _, message in later])
+    restarted = run_consumer_process(group, topic, 8, database_url, bootstrap_servers)
+    assert restarted.returncode == 0, restarted.stderr
+    stats = json.loads(restarted.stdout.strip().splitlines()[-1])
+
+    assert sorted(effect_rows(effects, topic)) == sorted(e for e, _ in events + later)
+    assert (stats["duplicates"], stats["applied"]) == (len(first_batch), 8 - len(first_batch))
+    for event_id in first_batch:
+        assert f"duplicate event {event_id} skipped" in restarted.stderr
+
+
+# -- batches: one transaction per poll, a savepoint per message -----------------
+
+
+def transaction_ids(engine: Engine, topic: str) -> dict[uuid.UUID, int]:
+    """The top-level transaction that wrote each effect row (see `record_effect_and_xid`)."""
+    with engine.connect() as conn:
+        rows = conn.execute(
+            text("SELECT event_id, (data->>'xid')::bigint FROM test_consumer_effect"
+                 " WHERE topic = :t"),
+            {"t": topic},
+        ).all()
+    return {event_id: xid for event_id, xid in rows}
+
+
+def record_effect_and_xid(session: Session, event: Event) -> None:
+    """`record_effect`, with the id of the top-level transaction it runs in as `data`."""
+    xid = session.execute(text("SELECT txid_current()")).scalar_one()
+    record_effect(session, dataclasses.replace(event, data={"xid": xid}))
+
+
+def test_handler_failing_once_mid_batch_applies_every_message_once_in_order(
+    effects: Engine, bootstrap_servers: str, topic: str, group: str, admin: KafkaAdminClient
+) -> None:
+    events = [cloud_event() for _ in range(5)]
+    ids = [event_id for event_id, _ in events]
+    produce(bootstrap_servers, topic, [(0, message) for _, message in events])
+    calls: list[uuid.UUID] = []
+
+    def flaky_middle(session: Session, event: Event) -> None:
+        calls.append(event.id)
+        record_effect_and_xid(session, event)  # rolled back with its savepoint when we raise
+        if event.id == ids[2] and calls.count(event.id) == 1:
+            raise RuntimeError("ledger busy")
+
+    sleeps: list[float] = []
+    with consumer_for(effects, bootstrap_servers, group, topic, flaky_middle,
+                      sleeps=sleeps) as consumer:
+        drain(consumer, lambda: handled(consumer) == 5)
+
+    assert calls == [ids[0], ids[1], ids[2], ids[2], ids[3], ids[4]]
+    assert effect_rows(effects, topic) == ids
+    stats = consumer.stats
+    assert (stats.applied, stats.duplicates, stats.retries, stats.dead_lettered) == (5, 0, 1, 0)
+    assert len(sleeps) == 1
+    assert committed(admin, group) == {0: 5}
+    with effects.connect() as conn:
+        assert list_dead_letters(conn, group) == []
+    # Before the failure one transaction, the failing message alone, then batching again.
+    xids = transaction_ids(effects, topic)
+    assert xids[ids[0]] == xids[ids[1]]
+    assert xids[ids[3]] == xids[ids[4]]
+    assert len({xids[ids[1]], xids[ids[2]], xids[ids[3]]}) == 3
+
+
+def test_handler_always_failing_mid_batch_parks_it_and_applies_its_neighbours_once(
+    effects: Engine, bootstrap_servers: str, topic: str, group: str, admin: KafkaAdminClient
+) -> None:
+    events = [cloud_event(data={"amount": -1 if i == 2 else 100}) for i in range(5)]
+    ids = [event_id for event_id, _ in events]
+    produce(bootstrap_servers, topic, [(0, message) for _, message in events])
+    calls: list[uuid.UUID] = []
+
+    def strict(session: Session, event: Event) -> None:
+        calls.append(event.id)
+        record_effect(session, event)  # rolled back with its savepoint when we raise
+        if event.data["amount"] < 0:
+            raise ValueError("negative amount")
+
+    with consumer_for(effects, bootstrap_servers, group, topic, strict) as consumer:
+        drain(consumer, lambda: handled(consumer) == 5)
+
+    assert effect_rows(effects, topic) == [ids[0], ids[1], ids[3], ids[4]]
+    assert calls.count(ids[2]) == FAST_CONFIG.max_attempts
+    assert [calls.count(i) for i in ids[:2] + ids[3:]] == [1, 1, 1, 1]
+    stats = consumer.stats
+    assert (stats.applied, stats.dead_lettered) == (4, 1)
+    assert stats.retries == FAST_CONFIG.max_attempts - 1
+    assert committed(admin, group) == {0: 5}
+    with effects.connect() as conn:
+        [letter] = list_dead_letters(conn, group)
+        inbox = set(conn.execute(
+            select(outbox_inbox.c.event_id).where(outbox_inbox.c.consumer_group == group)
+        ).scalars())
+    assert (letter.offset, letter.event_id, letter.attempts) == (2, ids[2], FAST_CONFIG.max_attempts)
+    assert letter.error == "ValueError: negative amount"
+    assert inbox == {ids[0], ids[1], ids[3], ids[4]}
+
+
+def test_handler_swallowing_a_database_error_is_retried_not_counted_as_applied(
+    effects: Engine, bootstrap_servers: str, topic: str, group: str, admin: KafkaAdminClient
+) -> None:
+    # PostgreSQL aborts the transaction after a failed statement even if the
+    # handler catches the error: COMMIT would then quietly roll back the whole
+    # batch. The consumer must see it, roll back that message's savepoint only,
+    # and keep its neighbours.
+    events = [cloud_event() for _ in range(3)]
+    ids = [event_id for event_id, _ in events]
+    produce(bootstrap_servers, topic, [(0, message) for _, message in events])
+    calls: list[uuid.UUID] = []
+
+    def careless(session: Session, event: Event) -> None:
+        calls.append(event.id)
+        record_effect(session, event)
+        if event.id == ids[1] and calls.count(event.id) == 1:
+            with contextlib.suppress(Exception):
+                session.execute(text("SELECT 1 / 0"))
+
+    with consumer_for(effects, bootstrap_servers, group, topic, careless) as consumer:
+        drain(consumer, lambda: handled(consumer) == 3)
+
+    assert calls == [ids[0], ids[1], ids[1], ids[2]]
+    assert effect_rows(effects, topic) == ids
+    stats = consumer.stats
+    assert (stats.applied, stats.retries, stats.dead_lettered) == (3, 1, 0)
+    assert committed(admin, group) == {0: 3}
+
+
+def test_handler_rolling_back_the_session_loses_nothing_of_its_batch(
+    effects: Engine, bootstrap_servers: str, topic: str, group: str, admin: KafkaAdminClient
+) -> None:
+    # Against the handler contract, and it takes the batch's earlier messages
+    # with it: the session would quietly begin a new transaction, so the
+    # consumer must notice and apply that batch again, one message at a time.
+    events = [cloud_event() for _ in range(3)]
+    ids = [event_id for event_id, _ in events]
+    produce(bootstrap_servers, topic, [(0, message) for _, message in events])
+    calls: list[uuid.UUID] = []
+
+    def rude(session: Session, event: Event) -> None:
+        calls.append(event.id)
+        record_effect(session, event)
+        if event.id == ids[1] and calls.count(event.id) == 1:
+            session.rollback()
+
+    with consumer_for(effects, bootstrap_servers, group, topic, rude) as consumer:
+        drain(consumer, lambda: handled(consumer) == 3)
+
+    assert calls == [ids[0], ids[1], ids[0], ids[1], ids[2]]
+    assert effect_rows(effects, topic) == ids
+    stats = consumer.stats
+    assert (stats.applied, stats.duplicates, stats.dead_lettered) == (3, 0, 0)
+    assert committed(admin, group) == {0: 3}
+
+
+def test_transaction_batch_size_one_applies_each_message_in_a_transaction_of_its_own(
+    effects: Engine, bootstrap_servers: str, topic: str, group: str, admin: KafkaAdminClient
+) -> None:
+    twice, twice_message = cloud_event()
+    events = [cloud_event() for _ in range(3)]
+    ids = [event_id for event_id, _ in events]
+    produce(bootstrap_servers, topic,
+            [(0, message) for _, message in events] + [(0, twice_message), (0, twice_message)])
+    calls: list[uuid.UUID] = []
+
+    def flaky_middle(session: Session, event: Event) -> None:
+        calls.append(event.id)
+        record_effect_and_xid(session, event)
+        if event.id == ids[1] and calls.count(event.id) == 1:
+            raise RuntimeError("ledger busy")
+
+    one_each = ConsumerConfig(
+        max_attempts=3, retry_backoff_base=0.01, retry_backoff_max=0.05, poll_timeout_ms=200,
+        transaction_batch_size=1,
+    )
+    with consumer_for(effects, bootstrap_servers, group, topic, flaky_middle,
+                      config=one_each) as consumer:
+        drain(consumer, lambda: handled(consumer) == 5)
+
+    assert effect_rows(effects, topic) == [*ids, twice]
+    stats = consumer.stats
+    assert (stats.applied, stats.duplicates, stats.retries, stats.dead_lettered) == (4, 1, 1, 0)
+    assert len(set(transaction_ids(effects, topic).values())) == 4
+    assert committed(admin, group) == {0: 5}
 
 
 # -- handler failures and dead letters -----------------------------------------
@@ -487,9 +695,13 @@ class FlakyProxy:
         except OSError:
             pass
         finally:
+            # shutdown, not just close: the opposite pipe is blocked in recv on one
+            # of these sockets, and only shutdown wakes it and tells the client.
             for s in (src, dst):
                 with self._lock:
                     self._sockets.discard(s)
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
                 s.close()
 
     def cut(self) -> None:
@@ -557,6 +769,48 @@ def test_database_outage_retries_the_same_message_and_never_dead_letters_it(
     assert handler_calls == [event_id]
     assert effect_rows(effects, topic) == [event_id]
     assert committed(admin, group) == {0: 1}
+    with effects.connect() as conn:
+        assert list_dead_letters(conn, group) == []
+
+
+def test_database_outage_mid_batch_retries_the_whole_uncommitted_batch_and_parks_nothing(
+    effects: Engine, flaky_engine: tuple[Engine, FlakyProxy], bootstrap_servers: str,
+    topic: str, group: str, admin: KafkaAdminClient,
+) -> None:
+    engine, proxy = flaky_engine
+    events = [cloud_event() for _ in range(4)]
+    ids = [event_id for event_id, _ in events]
+    produce(bootstrap_servers, topic, [(0, message) for _, message in events])
+    calls: list[uuid.UUID] = []
+    proxy_cut: list[bool] = []
+    waits: list[float] = []
+
+    def handler(session: Session, event: Event) -> None:
+        calls.append(event.id)
+        if event.id == ids[2] and not proxy_cut:
+            proxy_cut.append(True)
+            proxy.cut()  # the database goes away in the middle of the batch's transaction
+        record_effect(session, event)
+
+    def wait_then_restore(seconds: float) -> None:
+        waits.append(seconds)
+        if len(waits) == 3:
+            proxy.up = True
+
+    consumer = Consumer(
+        engine, group=group, topics=[topic], handler=handler, bootstrap_servers=bootstrap_servers,
+        config=FAST_CONFIG, sleep=wait_then_restore, **FAST_KAFKA,
+    )
+    with consumer:
+        drain(consumer, lambda: consumer.stats.applied == 4)
+
+    # Nothing of the first try committed: the whole batch was applied again, once.
+    assert calls == [ids[0], ids[1], ids[2], *ids]
+    assert effect_rows(effects, topic) == ids
+    stats = consumer.stats
+    assert (stats.applied, stats.duplicates, stats.retries, stats.dead_lettered) == (4, 0, 0, 0)
+    assert stats.database_waits == 3
+    assert committed(admin, group) == {0: 4}
     with effects.connect() as conn:
         assert list_dead_letters(conn, group) == []
 

@@ -27,6 +27,8 @@ ENGINE = create_engine("postgresql+psycopg://nobody@127.0.0.1:1/none")
         ({"db_backoff_max": 0.1}, "db_backoff_max"),
         ({"poll_batch_size": 0}, "poll_batch_size"),
         ({"poll_timeout_ms": 0}, "poll_timeout_ms"),
+        ({"transaction_batch_size": 0}, "transaction_batch_size"),
+        ({"transaction_batch_size": 10_001}, "transaction_batch_size"),
     ],
 )
 def test_config_errors_name_the_field(values: dict[str, float], field: str) -> None:
@@ -48,9 +50,11 @@ def test_config_from_env_reads_outbox_consumer_variables() -> None:
     assert ConsumerConfig.from_env({}) == ConsumerConfig()
     config = ConsumerConfig.from_env(
         {"OUTBOX_CONSUMER_MAX_ATTEMPTS": "3", "OUTBOX_CONSUMER_RETRY_BACKOFF_MAX": "2.5",
-         "OUTBOX_CONSUMER_POLL_BATCH_SIZE": "10"}
+         "OUTBOX_CONSUMER_POLL_BATCH_SIZE": "10", "OUTBOX_CONSUMER_TRANSACTION_BATCH_SIZE": "1"}
     )
     assert (config.max_attempts, config.retry_backoff_max, config.poll_batch_size) == (3, 2.5, 10)
+    assert config.transaction_batch_size == 1
+    assert ConsumerConfig().transaction_batch_size == 50
 
 
 @pytest.mark.parametrize(
@@ -59,6 +63,7 @@ def test_config_from_env_reads_outbox_consumer_variables() -> None:
         ({"OUTBOX_CONSUMER_MAX_ATTEMPTS": "many"}, "OUTBOX_CONSUMER_MAX_ATTEMPTS"),
         ({"OUTBOX_CONSUMER_MAX_ATTEMPTS": "500"}, "OUTBOX_CONSUMER_MAX_ATTEMPTS"),
         ({"OUTBOX_CONSUMER_DB_BACKOFF_BASE": "0"}, "OUTBOX_CONSUMER_DB_BACKOFF_BASE"),
+        ({"OUTBOX_CONSUMER_TRANSACTION_BATCH_SIZE": "0"}, "OUTBOX_CONSUMER_TRANSACTION_BATCH_SIZE"),
     ],
 )
 def test_config_from_env_errors_name_the_variable(env: dict[str, str], field: str) -> None:
