@@ -629,8 +629,15 @@ class Consumer:
 
     def _kafka_consumer(self) -> Any:
         if self._kafka is None:
-            self._kafka = KafkaConsumer(**self._kafka_config)
-            self._kafka.subscribe(topics=list(self.topics), listener=_RebalanceListener(self))
+            kafka = KafkaConsumer(**self._kafka_config)
+            # Learn the topics' partitions before joining: a group leader whose
+            # metadata lacks a topic assigns nobody its partitions, and the group
+            # only notices at the next metadata refresh (minutes later).
+            for topic in self.topics:
+                if not kafka.partitions_for_topic(topic):
+                    log.warning("topic %s does not exist (yet); consuming it once it does", topic)
+            kafka.subscribe(topics=list(self.topics), listener=_RebalanceListener(self))
+            self._kafka = kafka
         return self._kafka
 
     # -- waiting and stopping --------------------------------------------------
