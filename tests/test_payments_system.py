@@ -17,7 +17,7 @@ def test_payments_system_survives_sigkills_with_every_invariant_holding(
 ) -> None:
     outcome, killed = demo.run(
         database_url=database_url, bootstrap_servers=bootstrap_servers,
-        payments=400, workers=4, kills=6, seed=11, workdir=tmp_path, timeout=180,
+        payments=400, workers=4, rate=None, kills=6, seed=11, workdir=tmp_path, timeout=180,
         say=lambda _line: None,
     )
     assert killed == {"relay": 3, "ledger": 3}

@@ -11,7 +11,7 @@ restarts them, waits until the ledger has applied every committed event,
 then checks the invariants and prints the summary. Exit code 1 if any
 invariant fails.
 
-    python -m examples.payments.demo [--payments 3000] [--workers 4] [--kills 2] [--seed 7]
+    python -m examples.payments.demo [--payments 2000] [--rate 50] [--workers 4] [--kills 2] [--seed 7]
 """
 
 from __future__ import annotations
@@ -33,8 +33,9 @@ def run(
     *,
     database_url: str,
     bootstrap_servers: str,
-    payments: int = 3000,
+    payments: int = 2000,
     workers: int = 4,
+    rate: float | None = 50,
     kills: int = 2,
     seed: int = 7,
     workdir: Path,
@@ -68,7 +69,7 @@ def run(
     chaos_thread = threading.Thread(target=chaos, daemon=True)
     try:
         chaos_thread.start()
-        system.write_payments(payments, workers=workers, seed=seed)
+        system.write_payments(payments, workers=workers, seed=seed, rate=rate)
         writing_done.set()
         chaos_thread.join()
         system.wait_until_applied(timeout=timeout)
@@ -116,7 +117,11 @@ def main() -> int:
         prog="python -m examples.payments.demo", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--payments", type=int, default=3000)
+    parser.add_argument("--payments", type=int, default=2000)
+    parser.add_argument(
+        "--rate", type=float, default=50,
+        help="payments per second offered (about 3 events each); 0 = as fast as possible",
+    )
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--kills", type=int, default=2, help="SIGKILLs of relay/ledger during the run")
     parser.add_argument("--seed", type=int, default=7)
@@ -126,6 +131,7 @@ def main() -> int:
         database_url=os.environ.get("OUTBOX_DATABASE_URL", DEVSTACK_DATABASE_URL),
         bootstrap_servers=os.environ.get("OUTBOX_KAFKA_BOOTSTRAP_SERVERS", DEVSTACK_BOOTSTRAP_SERVERS),
         payments=args.payments, workers=args.workers, kills=args.kills, seed=args.seed,
+        rate=args.rate or None,
         workdir=args.workdir,
     )
     print_summary(outcome, killed)
