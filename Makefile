@@ -16,7 +16,7 @@ PYTHON ?= $(shell for p in python3.13 python3.12 python3.11 python3; do \
 	   $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' >/dev/null 2>&1; then \
 	   command -v $$p; break; fi; done)
 
-.PHONY: venv services test faults demo lint down clean
+.PHONY: venv services test faults demo lint down clean bench bench-quick bench-db
 
 ## venv: .venv with the kit and its dev extra; re-installs only when pyproject.toml changes
 venv: $(STAMP)
@@ -49,6 +49,30 @@ faults: venv services
 ## demo: the payments example against the devstack services
 demo: venv services
 	@eval "$$($(DEVSTACK) env)"; $(PY) -m examples.payments.demo
+
+# --- benchmarks (bench/README.md) -------------------------------------------------
+# The benchmark truncates the kit's tables, so it runs against a database of its
+# own on the devstack server (created here once, as the devstack creates `outbox`).
+BENCH_DB ?= outbox_bench
+BENCH_DATABASE_URL ?= postgresql+psycopg://outbox:outbox@127.0.0.1:$${OUTBOX_DEVSTACK_PG_PORT:-54329}/$(BENCH_DB)
+BENCH_ARGS ?=
+
+## bench: every measurement (about an hour on 2 cores); table + bench/results/{full,latest}.{json,md}
+bench: venv services bench-db
+	@eval "$$($(DEVSTACK) env)"; $(PY) -m bench --database-url "$(BENCH_DATABASE_URL)" $(BENCH_ARGS)
+
+## bench-quick: the smoke run (under 3 minutes); bench/results/{quick,latest}.{json,md}
+bench-quick: venv services bench-db
+	@eval "$$($(DEVSTACK) env)"; $(PY) -m bench --quick --database-url "$(BENCH_DATABASE_URL)" $(BENCH_ARGS)
+
+## bench-db: the benchmark's own database on the devstack PostgreSQL (idempotent)
+bench-db: services
+	@port=$${OUTBOX_DEVSTACK_PG_PORT:-54329}; sock=$(CURDIR)/.devstack/pg/run; \
+	[ -S "$$sock/.s.PGSQL.$$port" ] || sock=$$(dirname $$(ls /tmp/outbox-devstack-*/.s.PGSQL.$$port | head -1)); \
+	if [ "$$(id -u)" = 0 ]; then as="runuser -u postgres --"; else as=""; fi; \
+	cd / && $$as psql -X -q -h "$$sock" -p $$port -d postgres -tAc \
+	  "SELECT 1 FROM pg_database WHERE datname = '$(BENCH_DB)'" | grep -q 1 || \
+	$$as psql -X -q -h "$$sock" -p $$port -d postgres -c "CREATE DATABASE $(BENCH_DB) OWNER outbox"
 
 ## lint: ruff and mypy --strict on the library
 lint: venv

@@ -20,6 +20,8 @@ from outbox.config import (
 )
 from outbox.errors import ConfigError
 
+PUBLISHERS = ("kafka-python", "confluent")
+
 
 def default_relay_id() -> str:
     """host:pid:random, so a restarted process never inherits its predecessor's leases."""
@@ -46,6 +48,7 @@ class RelayConfig:
     backoff_max: float = 10.0  # OUTBOX_RELAY_BACKOFF_MAX: longest wait between retries, seconds
     lease_ttl: float = 3.0  # OUTBOX_RELAY_LEASE_TTL: seconds a shard lease lasts unrenewed (failover time)
     relay_id: str = field(default_factory=default_relay_id)  # OUTBOX_RELAY_ID: unique per process
+    publisher: str = "kafka-python"  # OUTBOX_RELAY_PUBLISHER: kafka-python | confluent (needs the extra)
     kafka: Mapping[str, Any] = field(default_factory=dict)  # OUTBOX_KAFKA_*: producer pass-through
 
     def __post_init__(self) -> None:
@@ -65,6 +68,10 @@ class RelayConfig:
             raise ConfigError("source", "must not be empty")
         if not 0.3 <= self.lease_ttl <= 300:
             raise ConfigError("lease_ttl", f"{self.lease_ttl} is out of range 0.3..300 s")
+        if self.publisher not in PUBLISHERS:
+            raise ConfigError(
+                "publisher", f"{self.publisher!r} is not one of {', '.join(PUBLISHERS)}"
+            )
         if not self.relay_id:
             raise ConfigError("relay_id", "must not be empty")
 
@@ -85,6 +92,7 @@ class RelayConfig:
             "backoff_max": env_float("OUTBOX_RELAY_BACKOFF_MAX", cls.backoff_max, env),
             "lease_ttl": env_float("OUTBOX_RELAY_LEASE_TTL", cls.lease_ttl, env),
             "relay_id": env.get("OUTBOX_RELAY_ID") or default_relay_id(),
+            "publisher": env.get("OUTBOX_RELAY_PUBLISHER", cls.publisher),
             "kafka": kafka_client_config(env),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
@@ -96,7 +104,7 @@ class RelayConfig:
             f"database={safe_url(self.database_url)} kafka={self.bootstrap_servers} "
             f"batch_size={self.batch_size} poll_interval={self.poll_interval}s "
             f"listen={self.listen} linger_ms={self.linger_ms} max_attempts={self.max_attempts} "
-            f"lease_ttl={self.lease_ttl}s relay_id={self.relay_id} "
+            f"lease_ttl={self.lease_ttl}s relay_id={self.relay_id} publisher={self.publisher} "
             f"kafka_overrides={safe_kafka_config(self.kafka)}"
         )
 

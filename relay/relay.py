@@ -31,6 +31,7 @@ import psycopg
 from tenacity import Retrying, retry_if_exception_type, wait_exponential, wait_random
 
 from outbox.envelope import encode_headers
+from outbox.errors import ConfigError
 from outbox.failpoints import failpoint
 from relay import store
 from relay.config import RelayConfig
@@ -48,6 +49,21 @@ class BrokerUnavailable(Exception):
 RETRIABLE = (psycopg.OperationalError, psycopg.InterfaceError, BrokerUnavailable)
 
 
+def make_publisher(config: RelayConfig) -> Publisher:
+    """kafka-python by default (pure Python, nothing to compile); confluent-kafka
+    (librdkafka) when asked for, where kafka-python's own CPU cost is the limit."""
+    if config.publisher == "confluent":
+        try:
+            from relay.confluent import ConfluentPublisher
+        except ImportError:
+            raise ConfigError(
+                "OUTBOX_RELAY_PUBLISHER",
+                "confluent needs the confluent-kafka package: pip install 'outbox-kit[confluent]'",
+            ) from None
+        return ConfluentPublisher(config.bootstrap_servers, config.kafka)
+    return KafkaPublisher(config.bootstrap_servers, config.kafka)
+
+
 class Relay:
     def __init__(
         self,
@@ -57,7 +73,7 @@ class Relay:
         sleep: Callable[[float], object] | None = None,
     ) -> None:
         self.config = config
-        self._publisher = publisher or KafkaPublisher(config.bootstrap_servers, config.kafka)
+        self._publisher = publisher or make_publisher(config)
         self.leases = ShardLeases(config.database_url, config.relay_id, ttl=config.lease_ttl)
         self._conn: psycopg.Connection[Any] | None = None
         self._stopping = threading.Event()

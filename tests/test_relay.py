@@ -298,3 +298,24 @@ def test_relay_config_never_shows_the_password() -> None:
         RelayConfig(database_url="postgresql://x/y", bootstrap_servers="k:1", batch_size=0)
 
 
+
+
+def test_confluent_publisher_keeps_commit_order_and_the_same_envelope(
+    clean_db: Engine, database_url: str, bootstrap_servers: str, topic: str
+) -> None:
+    """The optional librdkafka publisher: same order per key, same CloudEvents headers."""
+    ids = _write(clean_db, topic, 300, keys=7)
+    with relay_thread(_config(database_url, bootstrap_servers, publisher="confluent")):
+        wait_until(lambda: _backlog(clean_db) == 0, timeout=60, what="backlog to drain")
+    received = read_topic(bootstrap_servers, topic, expect=300)
+    assert sorted(r.event_id for r in received) == sorted(ids)
+    assert received[0].headers["ce_specversion"] == b"1.0"
+    key_of = {event_id: f"key-{i % 7}" for i, event_id in enumerate(ids)}
+    _assert_in_commit_order(ids, first_occurrences(received), key_of)
+
+
+def test_confluent_publisher_refuses_unsafe_settings() -> None:
+    from relay.confluent import confluent_config
+
+    with pytest.raises(ConfigError):
+        confluent_config("127.0.0.1:9092", {"acks": 1})

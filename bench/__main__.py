@@ -1,0 +1,204 @@
+"""`python -m bench [--quick]`: every measurement, one table, results in bench/results/.
+
+    .venv/bin/python -m bench --quick --database-url postgresql+psycopg://outbox:outbox@127.0.0.1:54329/outbox_bench
+    .venv/bin/python -m bench --only relay,consumer --relay-events 200000
+
+`main` parses and dispatches; each measurement is one module with a
+`run(env, sizes) -> Section`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import shlex
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from bench import (
+    backlog_scale,
+    consumer_throughput,
+    latency,
+    profiling,
+    relay_throughput,
+    scale_out,
+    services,
+    write_cost,
+)
+from bench.env import DEVSTACK_BOOTSTRAP_SERVERS, DEVSTACK_DATABASE_URL, BenchEnv
+from bench.machine import describe
+from bench.report import Run, Section, text_table, write
+from bench.settings import FULL, QUICK, Sizes
+
+MEASUREMENTS: dict[str, Callable[[BenchEnv, Sizes], Section]] = {
+    "write": write_cost.run,
+    "relay": relay_throughput.run,
+    "backlog": backlog_scale.run,
+    "latency": latency.run,
+    "consumer": consumer_throughput.run,
+    "scaleout": scale_out.run,
+}
+RESULTS = Path(__file__).resolve().parent / "results"
+ATTEMPTS = 3  # a measurement that saw a service restart is run again, up to this often
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
+    # kafka-python logs every reconnect; a restarted broker is reported by the runner.
+    logging.getLogger("kafka").setLevel(logging.CRITICAL)
+    sizes = _sizes(args)
+    chosen = _chosen(args)
+    if args.profile:
+        profiling.enable()
+    env = BenchEnv(
+        database_url=args.database_url or os.environ.get("OUTBOX_DATABASE_URL") or DEVSTACK_DATABASE_URL,
+        bootstrap_servers=(args.bootstrap_servers or os.environ.get("OUTBOX_KAFKA_BOOTSTRAP_SERVERS")
+                           or DEVSTACK_BOOTSTRAP_SERVERS),
+    )
+    try:
+        services.wait_until_up(env, timeout=20)
+    except RuntimeError as exc:
+        print(f"bench: {exc} (start them with: devstack/devstack up)", file=sys.stderr)
+        return 2
+    env.check_database_is_ours()
+    from outbox import migrate
+
+    migrate.upgrade(env.database_url)
+    env.reset()
+
+    run = Run(mode=sizes.mode, command=_command(argv))
+    run.machine = describe(env)
+    run.settings = _settings(sizes, env)
+    started = time.perf_counter()
+    print(f"bench ({sizes.mode}): {', '.join(chosen)} against database {env.database_name!r} "
+          f"and Kafka {env.bootstrap_servers}", file=sys.stderr)
+    try:
+        for name in chosen:
+            run.sections.append(_measure(name, MEASUREMENTS[name], env, sizes))
+            print(text_table(run.sections[-1].rows), file=sys.stderr)
+    except KeyboardInterrupt:
+        run.notes.append("interrupted")
+    finally:
+        env.delete_topics()
+        run.seconds = time.perf_counter() - started
+    print()
+    print(text_table(run.rows))
+    if not args.no_write:
+        stems = [sizes.mode, "latest"] if set(chosen) == set(MEASUREMENTS) else [f"{sizes.mode}-partial"]
+        for path in write(run, Path(args.output_dir), stems):
+            print(f"wrote {path}", file=sys.stderr)
+    return 1 if any(s.error for s in run.sections) else 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="How close the kit comes to the limits of PostgreSQL and Kafka on this machine.",
+    )
+    p.add_argument("--quick", action="store_true", help="smoke run, about 3 minutes")
+    p.add_argument("--database-url",
+                   help="default: $OUTBOX_DATABASE_URL, else the devstack's; use a database of its "
+                        "own (the benchmark truncates the kit's tables)")
+    p.add_argument("--bootstrap-servers", help="default: $OUTBOX_KAFKA_BOOTSTRAP_SERVERS, else the devstack's")
+    p.add_argument("--only", help=f"comma-separated subset of: {','.join(MEASUREMENTS)}")
+    p.add_argument("--skip", help="comma-separated measurements to leave out")
+    p.add_argument("--backlog-sizes", help="rows in the table for measurement 3, e.g. 10000,1000000")
+    p.add_argument("--backlog-measured", type=int, help="events timed per backlog size")
+    p.add_argument("--relay-events", type=int, help="backlog drained in measurement 2")
+    p.add_argument("--steady-seconds", type=float, help="length of the steady run (3b)")
+    p.add_argument("--profile", action="store_true",
+                   help="pyinstrument profiles of the relay and consumer loops in results/profiles/")
+    p.add_argument("--output-dir", default=str(RESULTS), help="default: bench/results")
+    p.add_argument("--no-write", action="store_true", help="print the table only")
+    return p
+
+
+def _sizes(args: argparse.Namespace) -> Sizes:
+    sizes = QUICK if args.quick else FULL
+    changes: dict[str, object] = {}
+    if args.backlog_sizes:
+        changes["backlog_sizes"] = tuple(int(v.replace("_", "")) for v in args.backlog_sizes.split(","))
+    if args.backlog_measured:
+        changes["backlog_measured"] = args.backlog_measured
+    if args.relay_events:
+        changes["relay_events"] = args.relay_events
+    if args.steady_seconds:
+        changes["steady_seconds"] = args.steady_seconds
+    return dataclasses.replace(sizes, **changes) if changes else sizes
+
+
+def _chosen(args: argparse.Namespace) -> list[str]:
+    def names(value: str | None) -> list[str]:
+        items = [v.strip() for v in (value or "").split(",") if v.strip()]
+        unknown = [v for v in items if v not in MEASUREMENTS]
+        if unknown:
+            raise SystemExit(f"bench: unknown measurement {unknown[0]!r}; choose from {', '.join(MEASUREMENTS)}")
+        return items
+
+    only, skip = names(args.only), names(args.skip)
+    return [n for n in MEASUREMENTS if (not only or n in only) and n not in skip]
+
+
+def _measure(name: str, fn: Callable[[BenchEnv, Sizes], Section], env: BenchEnv,
+             sizes: Sizes) -> Section:
+    """Run one measurement; again if PostgreSQL or Kafka restarted meanwhile."""
+    restarts: list[str] = []
+    for attempt in range(1, ATTEMPTS + 1):
+        before = services.fingerprint(env)
+        started = time.perf_counter()
+        error: str | None = None
+        try:
+            section = fn(env, sizes)
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+            traceback.print_exc()
+            section = Section(name)
+        section.seconds = time.perf_counter() - started
+        after = services.fingerprint(env)
+        if before == after:
+            section.error = error
+            if restarts:
+                section.details["rerun_after_service_restart"] = restarts
+            return section
+        restarts.append(f"attempt {attempt}: {before.describe()} -> {after.describe()}")
+        print(f"bench: {name}: a service restarted during the measurement "
+              f"({restarts[-1]}); waiting for it and measuring again", file=sys.stderr)
+        services.wait_until_up(env)
+        time.sleep(5)
+        env.delete_topics()
+    section = Section(name, error=f"services kept restarting: {'; '.join(restarts)}")
+    return section
+
+
+def _settings(sizes: Sizes, env: BenchEnv) -> dict[str, object]:
+    from outbox.consumer import ConsumerConfig
+    from relay.config import RelayConfig
+    from relay.kafka import DEFAULTS
+
+    relay = RelayConfig(database_url=env.database_url, bootstrap_servers=env.bootstrap_servers)
+    return {
+        "sizes": dataclasses.asdict(sizes),
+        "relay": {"batch_size": relay.batch_size, "poll_interval": relay.poll_interval,
+                  "listen": relay.listen, "lease_ttl": relay.lease_ttl},
+        "kafka_producer": DEFAULTS,
+        "consumer": dataclasses.asdict(ConsumerConfig()),
+        "database": env.database_name,
+    }
+
+
+def _command(argv: Sequence[str] | None) -> str:
+    args = list(sys.argv[1:] if argv is None else argv)
+    shown = ["--database-url", "<url>"] if "--database-url" in args else []
+    rest = [a for i, a in enumerate(args)
+            if a != "--database-url" and (i == 0 or args[i - 1] != "--database-url")]
+    return shlex.join(["python", "-m", "bench", *rest, *shown])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

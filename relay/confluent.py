@@ -1,0 +1,208 @@
+"""A second Kafka publisher: confluent-kafka (librdkafka), for relays where kafka-python is the limit.
+
+Optional: `pip install confluent-kafka` (a binary wheel that bundles
+librdkafka). Same promises as `relay/kafka.py`, checked the same way before
+use: `acks=all`, `enable.idempotence=true`, at most 5 requests in flight per
+connection, retries not disabled; anything weaker is refused with a
+`ConfigError`. Two settings are fixed on top:
+
+- `partitioner=murmur2_random`: the Java client's (and kafka-python's)
+  partitioner, so switching publishers never moves a key to another
+  partition (librdkafka's own default, CRC32, would);
+- `enable.gapless.guarantee=true`: if librdkafka would have to leave a gap
+  in a partition's sequence (a batch failed for good while later ones
+  succeed), it fails the whole producer instead, so a later event of a key
+  is never acknowledged while an earlier one is not.
+
+As in `relay/kafka.py`, after any failed delivery the producer is thrown
+away and the next batch gets a new one (a new producer id).
+
+Settings: the relay passes its `OUTBOX_KAFKA_*` overrides in kafka-python
+spelling (`security_protocol`); they are translated to librdkafka names
+(`security.protocol`, `sasl_plain_username` -> `sasl.username`, ...).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from confluent_kafka import KafkaError, KafkaException, Producer
+
+from outbox.config import safe_kafka_config
+from outbox.errors import ConfigError
+from relay.publisher import ACKNOWLEDGED, Delivery, Message
+
+log = logging.getLogger(__name__)
+
+DEFAULTS: dict[str, Any] = {
+    "acks": "all",
+    "enable.idempotence": True,
+    "max.in.flight.requests.per.connection": 5,
+    "linger.ms": 5,
+    "batch.size": 256 * 1024,
+    "delivery.timeout.ms": 30_000,
+    "request.timeout.ms": 10_000,
+    "retry.backoff.ms": 100,
+    "reconnect.backoff.max.ms": 5_000,
+    "client.id": "outbox-relay",
+}
+
+FIXED: dict[str, Any] = {
+    "partitioner": "murmur2_random",
+    "enable.gapless.guarantee": True,
+}
+
+# kafka-python names whose librdkafka name is not just "_" -> "."
+_RENAMED = {
+    "sasl_plain_username": "sasl.username",
+    "sasl_plain_password": "sasl.password",
+    "ssl_cafile": "ssl.ca.location",
+    "ssl_certfile": "ssl.certificate.location",
+    "ssl_keyfile": "ssl.key.location",
+    "ssl_password": "ssl.key.password",
+    "max_in_flight_requests_per_connection": "max.in.flight.requests.per.connection",
+    "max_request_size": "message.max.bytes",
+    "max_block_ms": None,  # kafka-python only: send() never blocks on metadata here
+    "api_version": None,
+}
+
+PERMANENT_ERRORS = frozenset({
+    KafkaError.MSG_SIZE_TOO_LARGE,
+    KafkaError.INVALID_MSG_SIZE,
+    KafkaError.RECORD_LIST_TOO_LARGE,
+    KafkaError.TOPIC_EXCEPTION,
+    KafkaError.TOPIC_AUTHORIZATION_FAILED,
+    KafkaError._INVALID_ARG,
+})
+
+
+def translate(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """kafka-python setting names (as in OUTBOX_KAFKA_*) to librdkafka names."""
+    result: dict[str, Any] = {}
+    for name, value in overrides.items():
+        if "." in name:
+            result[name] = value
+            continue
+        target = _RENAMED.get(name, name.replace("_", "."))
+        if target is not None:
+            result[target] = value
+    return result
+
+
+def confluent_config(bootstrap_servers: str, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """The producer settings: defaults, then overrides, refused if unsafe."""
+    wanted = translate(overrides)
+    config = {**DEFAULTS, **wanted, "bootstrap.servers": bootstrap_servers}
+    if str(config["acks"]) not in ("all", "-1"):
+        raise ConfigError(
+            "OUTBOX_KAFKA_ACKS", f"{config['acks']!r} can lose acknowledged events; the relay needs 'all'"
+        )
+    config["acks"] = "all"
+    if config["enable.idempotence"] is not True:
+        raise ConfigError(
+            "OUTBOX_KAFKA_ENABLE_IDEMPOTENCE",
+            "must stay true: without it producer retries duplicate and reorder events",
+        )
+    in_flight = config["max.in.flight.requests.per.connection"]
+    if not isinstance(in_flight, int) or not 1 <= in_flight <= 5:
+        raise ConfigError(
+            "OUTBOX_KAFKA_MAX_IN_FLIGHT_REQUESTS_PER_CONNECTION",
+            f"{in_flight!r} is out of range 1..5; more breaks per-key order",
+        )
+    if config.get("retries", config.get("message.send.max.retries", 1)) == 0:
+        raise ConfigError("OUTBOX_KAFKA_RETRIES", "0 disables the idempotent producer's retries")
+    for refused in ("transactional.id", *FIXED):
+        if refused in wanted:
+            raise ConfigError(
+                f"OUTBOX_KAFKA_{refused.replace('.', '_').upper()}",
+                "is set by the relay itself (it decides keys, partitions and ordering)",
+            )
+    return {**config, **FIXED}
+
+
+class ConfluentPublisher:
+    """`relay.publisher.Publisher` over confluent-kafka's `Producer`."""
+
+    def __init__(self, bootstrap_servers: str, overrides: Mapping[str, Any] | None = None) -> None:
+        self._config = confluent_config(bootstrap_servers, overrides or {})
+        self._producer: Producer | None = None
+        # Longest a batch may take: every message is acknowledged or has
+        # failed by delivery.timeout.ms; the margin covers callback serving.
+        self._flush_timeout = float(self._config["delivery.timeout.ms"]) / 1000 + 5
+        log.info("confluent publisher settings: %s", safe_kafka_config(self._config))
+
+    def publish(self, messages: Sequence[Message]) -> list[Delivery]:
+        producer = self._connect()
+        results: list[Delivery | None] = [None] * len(messages)
+        blocked_keys: set[tuple[str, bytes]] = set()
+
+        def report(index: int) -> Any:
+            def on_delivery(err: KafkaError | None, _msg: Any) -> None:
+                results[index] = ACKNOWLEDGED if err is None else _failed(err)
+            return on_delivery
+
+        for index, message in enumerate(messages):
+            slot = (message.topic, message.key)
+            if slot in blocked_keys:
+                results[index] = Delivery(
+                    False, "held back behind a failed event of its key", attempted=False
+                )
+                continue
+            try:
+                self._produce(producer, message, report(index))
+            except (KafkaException, ValueError, TypeError) as exc:
+                # Refused before it entered the producer (too large, bad topic):
+                # hold back this key only; other keys go on.
+                err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else exc
+                results[index] = _failed(err)
+                blocked_keys.add(slot)
+        left = producer.flush(self._flush_timeout)
+        deliveries = [
+            r if r is not None else Delivery(False, f"no delivery report ({left} still queued)")
+            for r in results
+        ]
+        if any(not d.acknowledged for d in deliveries):
+            self.close()
+        return deliveries
+
+    def close(self) -> None:
+        producer, self._producer = self._producer, None
+        if producer is None:
+            return
+        try:
+            # Nothing new is sent: queued messages are dropped (their events
+            # stay in the outbox and go out again with the same ids).
+            producer.purge(in_queue=True, in_flight=False)
+            producer.flush(0)
+        except Exception:  # closing a broken producer must not hide the real error
+            log.debug("error while closing the confluent producer", exc_info=True)
+
+    def _produce(self, producer: Producer, message: Message, on_delivery: Any) -> None:
+        while True:
+            try:
+                producer.produce(
+                    message.topic, value=message.value, key=message.key,
+                    headers=list(message.headers),  # a fresh list[tuple[str, bytes]]
+                    on_delivery=on_delivery,
+                )
+                return
+            except BufferError:
+                # librdkafka's local queue is full: serve delivery reports, then retry.
+                producer.poll(0.05)
+
+    def _connect(self) -> Producer:
+        if self._producer is None:
+            self._producer = Producer(self._config)
+        return self._producer
+
+
+def _failed(err: KafkaError | BaseException) -> Delivery:
+    if isinstance(err, KafkaError):
+        # A fatal error (e.g. the gapless guarantee) is the producer's, not the
+        # event's: a new producer retries it.
+        retriable = err.fatal() or err.code() not in PERMANENT_ERRORS
+        return Delivery(False, f"KafkaError {err.name()}: {err.str()}", retriable=retriable)
+    retriable = not isinstance(err, (ValueError, TypeError))
+    return Delivery(False, f"{type(err).__name__}: {err}", retriable=retriable)
