@@ -32,7 +32,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 
 from outbox.config import safe_kafka_config
 from outbox.errors import ConfigError
-from relay.publisher import ACKNOWLEDGED, Delivery, Message
+from relay.publisher import ACKNOWLEDGED, Delivery, Message, require_safe_delivery
 
 log = logging.getLogger(__name__)
 
@@ -95,24 +95,12 @@ def confluent_config(bootstrap_servers: str, overrides: Mapping[str, Any]) -> di
     """The producer settings: defaults, then overrides, refused if unsafe."""
     wanted = translate(overrides)
     config = {**DEFAULTS, **wanted, "bootstrap.servers": bootstrap_servers}
-    if str(config["acks"]) not in ("all", "-1"):
-        raise ConfigError(
-            "OUTBOX_KAFKA_ACKS", f"{config['acks']!r} can lose acknowledged events; the relay needs 'all'"
-        )
+    require_safe_delivery(
+        acks=config["acks"], idempotence=config["enable.idempotence"],
+        in_flight=config["max.in.flight.requests.per.connection"],
+        retries=config.get("retries", config.get("message.send.max.retries", 1)),
+    )
     config["acks"] = "all"
-    if config["enable.idempotence"] is not True:
-        raise ConfigError(
-            "OUTBOX_KAFKA_ENABLE_IDEMPOTENCE",
-            "must stay true: without it producer retries duplicate and reorder events",
-        )
-    in_flight = config["max.in.flight.requests.per.connection"]
-    if not isinstance(in_flight, int) or not 1 <= in_flight <= 5:
-        raise ConfigError(
-            "OUTBOX_KAFKA_MAX_IN_FLIGHT_REQUESTS_PER_CONNECTION",
-            f"{in_flight!r} is out of range 1..5; more breaks per-key order",
-        )
-    if config.get("retries", config.get("message.send.max.retries", 1)) == 0:
-        raise ConfigError("OUTBOX_KAFKA_RETRIES", "0 disables the idempotent producer's retries")
     for refused in ("transactional.id", *FIXED):
         if refused in wanted:
             raise ConfigError(

@@ -23,7 +23,7 @@ from kafka import errors as kafka_errors
 
 from outbox.config import safe_kafka_config
 from outbox.errors import ConfigError
-from relay.publisher import ACKNOWLEDGED, Delivery, Message
+from relay.publisher import ACKNOWLEDGED, Delivery, Message, require_safe_delivery
 
 log = logging.getLogger(__name__)
 
@@ -60,25 +60,11 @@ def producer_config(bootstrap_servers: str, overrides: Mapping[str, Any]) -> dic
     """
     known = {k: v for k, v in overrides.items() if k in KafkaProducer.DEFAULT_CONFIG}
     config = {**DEFAULTS, **known, "bootstrap_servers": bootstrap_servers.split(",")}
-    acks = config["acks"]
-    if acks not in ("all", -1, "-1"):
-        raise ConfigError(
-            "OUTBOX_KAFKA_ACKS", f"{acks!r} can lose acknowledged events; the relay needs 'all'"
-        )
+    require_safe_delivery(
+        acks=config["acks"], idempotence=config["enable_idempotence"],
+        in_flight=config["max_in_flight_requests_per_connection"], retries=config.get("retries", 1),
+    )
     config["acks"] = "all"
-    if config["enable_idempotence"] is not True:
-        raise ConfigError(
-            "OUTBOX_KAFKA_ENABLE_IDEMPOTENCE",
-            "must stay true: without it producer retries duplicate and reorder events",
-        )
-    in_flight = config["max_in_flight_requests_per_connection"]
-    if not isinstance(in_flight, int) or not 1 <= in_flight <= 5:
-        raise ConfigError(
-            "OUTBOX_KAFKA_MAX_IN_FLIGHT_REQUESTS_PER_CONNECTION",
-            f"{in_flight!r} is out of range 1..5; more breaks per-key order",
-        )
-    if config.get("retries", 1) == 0:
-        raise ConfigError("OUTBOX_KAFKA_RETRIES", "0 disables the idempotent producer's retries")
     for refused in ("transactional_id", "partitioner", "key_serializer", "value_serializer"):
         if refused in overrides:
             raise ConfigError(

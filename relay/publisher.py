@@ -24,6 +24,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from outbox.errors import ConfigError
+
 
 @dataclass(frozen=True, slots=True)
 class Message:
@@ -48,6 +50,30 @@ class Delivery:
 
 
 ACKNOWLEDGED = Delivery(acknowledged=True)
+
+
+def require_safe_delivery(*, acks: object, idempotence: object, in_flight: object, retries: object) -> None:
+    """Refuse producer settings that would break the promises above.
+
+    Every implementation calls this with its client's values; the errors name
+    the OUTBOX_KAFKA_* variable to change, whatever the client calls it.
+    """
+    if str(acks) not in ("all", "-1"):
+        raise ConfigError(
+            "OUTBOX_KAFKA_ACKS", f"{acks!r} can lose acknowledged events; the relay needs 'all'"
+        )
+    if idempotence is not True:
+        raise ConfigError(
+            "OUTBOX_KAFKA_ENABLE_IDEMPOTENCE",
+            "must stay true: without it producer retries duplicate and reorder events",
+        )
+    if not isinstance(in_flight, int) or not 1 <= in_flight <= 5:
+        raise ConfigError(
+            "OUTBOX_KAFKA_MAX_IN_FLIGHT_REQUESTS_PER_CONNECTION",
+            f"{in_flight!r} is out of range 1..5; more breaks per-key order",
+        )
+    if retries == 0:
+        raise ConfigError("OUTBOX_KAFKA_RETRIES", "0 disables the idempotent producer's retries")
 
 
 class Publisher(Protocol):
