@@ -19,6 +19,7 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from bench import (
     backlog_scale,
@@ -121,7 +122,7 @@ def parser() -> argparse.ArgumentParser:
 
 def _sizes(args: argparse.Namespace) -> Sizes:
     sizes = QUICK if args.quick else FULL
-    changes: dict[str, object] = {}
+    changes: dict[str, Any] = {}
     if args.backlog_sizes:
         changes["backlog_sizes"] = tuple(int(v.replace("_", "")) for v in args.backlog_sizes.split(","))
     if args.backlog_measured:

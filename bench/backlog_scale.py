@@ -120,7 +120,7 @@ def _steady(env: BenchEnv, sizes: Sizes, section: Section) -> None:
     def sample() -> None:
         with env.connect() as conn:
             while not stop.is_set():
-                entry = sizes_now(conn)
+                entry: dict[str, Any] = dict(sizes_now(conn))
                 entry["t"] = round(time.monotonic() - started, 1)
                 entry["backlog"] = env.backlog(conn)
                 samples.append(entry)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import platform
 import re
+import subprocess
 import time
 from dataclasses import dataclass
 from importlib import metadata
@@ -46,12 +47,27 @@ def describe(env: BenchEnv) -> dict[str, Any]:
             row = conn.execute(f"SHOW {name}").fetchone()
             settings[name] = row[0] if row else None
     info["postgres"] = settings
+    info["kit_revision"] = _revision()
     info["kafka"] = {
         "broker_version": _broker_version_from_pom(),
         "api_version_seen_by_kafka_python": _api_version(env.bootstrap_servers),
         "partitions_per_topic": 4,
     }
     return info
+
+
+def _revision() -> str | None:
+    """The commit measured, and which kit files differed from it (work in progress)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, text=True,
+                              capture_output=True, check=True).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain", "--", "outbox", "relay",
+                                 "migrations"], cwd=REPO, text=True, capture_output=True,
+                                check=True).stdout.split("\n")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    changed = sorted(line[3:] for line in status if line.strip())
+    return head + (f" + uncommitted changes in {', '.join(changed)}" if changed else "")
 
 
 def _meminfo_kib(field: str) -> int:

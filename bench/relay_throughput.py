@@ -291,7 +291,8 @@ def raw_confluent(
     def send(m: Message) -> None:
         while True:
             try:
-                producer.produce(topic, value=m.value, key=m.key, headers=m.headers,
+                headers: list[tuple[str, str | bytes | None]] = list(m.headers)
+                producer.produce(topic, value=m.value, key=m.key, headers=headers,
                                  on_delivery=on_delivery)
                 return
             except BufferError:  # local queue full: serve callbacks, try again

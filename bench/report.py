@@ -134,7 +134,8 @@ def markdown(run: Run) -> str:
     lines = [
         f"# outbox kit benchmark ({run.mode})",
         "",
-        f"{run.started_at}, {run.seconds / 60:.1f} min, `{run.command}`",
+        f"{run.started_at}, {run.seconds / 60:.1f} min, `{run.command}`, kit at "
+        f"{m.get('kit_revision')}",
         "",
         f"Machine: {m.get('cores')} cores ({m.get('cpu_model')}), {m.get('memory_gib')} GiB; "
         f"Python {m.get('python')}; PostgreSQL {pg.get('server_version')} "

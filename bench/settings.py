@@ -34,14 +34,14 @@ FULL = Sizes(mode="full")
 
 QUICK = Sizes(
     mode="quick",
-    write_seconds=3.0,
+    write_seconds=2.5,
     write_repeats=2,
-    relay_events=20_000,
-    backlog_sizes=(10_000, 200_000),
+    relay_events=15_000,
+    backlog_sizes=(10_000, 100_000),
     backlog_measured=10_000,
     steady_seconds=15.0,
     steady_rate=500,
     latency_loads=((200, 1, 10.0),),
     consumer_messages=4_000,
-    scaleout_events=15_000,
+    scaleout_events=12_000,
 )
