@@ -1,29 +1,29 @@
 """The consuming side: Kafka messages → inbox rows + handler effects, one transaction → offsets.
 
 The messages of one poll are applied in ONE database transaction (up to
-`transaction_batch_size` of them; 1 gives a transaction per message), each
-inside its own SAVEPOINT: insert the inbox row (consumer group, event id) with
-`INSERT ... ON CONFLICT DO NOTHING RETURNING`, and if it was new run your
-handler. The unique key decides races: when two members of a group meet the
-same event (a rebalance, a redelivery, the same event published twice on two
-partitions) the second INSERT waits for the first transaction and then
-returns nothing, so the loser skips the handler (two batches that meet the
-same events in opposite order deadlock; PostgreSQL fails one INSERT, which
-counts as a failed attempt of that message). Kafka offsets (offset + 1,
-per partition) are committed only after the transaction committed, at the end
-of `run_once`, never past a message whose transaction did not commit. One
-commit per batch saves a WAL flush per message; each savepoint costs two
-round trips instead, so the gain is largest where commits are slow
-(synchronous replication, network disks).
+`transaction_batch_size` of them; 1 gives a transaction per message): one
+`INSERT ... ON CONFLICT DO NOTHING RETURNING` claims all their event ids in
+the inbox (unique key: consumer group, event id), then your handler runs for
+each id that was new, in order. The unique key decides races: when two
+members of a group meet the same event (a rebalance, a redelivery, the same
+event published twice on two partitions) the second INSERT waits for the
+first transaction and then returns nothing, so the loser skips the handler
+(two batches that meet the same events in opposite order deadlock;
+PostgreSQL fails one of them, which is applied again message by message).
+Kafka offsets (offset + 1, per partition) are committed only after the
+transaction committed, at the end of `run_once`, never past a message whose
+transaction did not commit. The happy path costs a round trip per batch for
+the claim and one COMMIT per batch, plus whatever the handlers do.
 
-    handler fails        its savepoint rolls back (its effect and inbox row
-                         together, nothing else); the messages before it
-                         commit; it is retried alone, in its own
-                         transactions, with exponential backoff and jitter
-                         (tenacity; the batch's try was attempt 1); after
-                         `max_attempts` the raw message is parked in
-                         `outbox_dead_letter` (see `outbox/dead_letters.py`
-                         to replay); batching goes on with the next message.
+    handler fails        the batch's transaction rolls back; the messages
+                         before it are applied again without it (their
+                         handlers run a second time) and commit; it is
+                         retried alone, in its own transactions, with
+                         exponential backoff and jitter (tenacity; the
+                         batch's try was attempt 1); after `max_attempts` the
+                         raw message is parked in `outbox_dead_letter` (see
+                         `outbox/dead_letters.py` to replay); batching goes
+                         on with the next message.
     malformed message    parked at once, in the batch's transaction, no retries.
     database unreachable not the messages' fault: never parked. The consumer
                          waits (bounded exponential backoff) and retries the
@@ -63,7 +63,7 @@ from kafka import KafkaConsumer
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata, TopicPartition
-from sqlalchemy import Engine, exists, literal, select
+from sqlalchemy import Engine, exists, literal, select, text
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session, SessionTransaction
@@ -104,14 +104,17 @@ ENV_PREFIX = "OUTBOX_CONSUMER_"
 Handler = Callable[[Session, Event], object]
 """`handler(session, event)`: apply `event` inside `session`'s open transaction.
 
-It runs inside a SAVEPOINT of a transaction that also holds other events of
-the batch. It must not commit, roll back or close the session; it may open
-savepoints of its own with `session.begin_nested()`. Raising is how it
-reports failure: its savepoint is rolled back, which undoes its own writes
-and nothing else. A database error it catches and swallows also counts as a
-failure (PostgreSQL aborted the transaction; only a savepoint of the
-handler's own could have kept the work). It may run more than once for one
-event (retries), but its effects are committed at most once per consumer group.
+The transaction also holds the other events of the batch. The handler must
+not commit, roll back or close the session; it may open savepoints of its own
+with `session.begin_nested()`. Raising is how it reports failure: the batch's
+transaction is rolled back, which undoes every write in it, and the events
+before the failed one are applied again without it. A database error it
+catches and swallows also counts as a failure (PostgreSQL aborted the
+transaction; only a savepoint of the handler's own could have kept the
+work). It may run more than once for one event (retries, a neighbour's
+failure), but its database effects are committed at most once per consumer
+group; effects outside the database (an e-mail, an HTTP call) are not
+covered and must be idempotent themselves.
 """
 
 _T = TypeVar("_T")
@@ -129,12 +132,10 @@ class ConsumerConfig:
     `from_env()` reads the same fields from `OUTBOX_CONSUMER_<FIELD>`, e.g.
     `OUTBOX_CONSUMER_MAX_ATTEMPTS=3`.
 
-    `transaction_batch_size` 1 gives a transaction per message. Keep it at
-    64 or below, fewer if handlers open savepoints that write: each
-    message's savepoint takes a subtransaction id, PostgreSQL keeps 64 per
-    transaction in shared memory, and beyond that every other session's
-    snapshots must read `pg_subtrans` while the batch is open, which slows
-    the whole database (replicas most).
+    `transaction_batch_size` 1 gives a transaction per message. Larger
+    batches save a COMMIT (a WAL flush) per message; the price is paid on a
+    handler failure, which rolls back and re-runs the batch's earlier
+    messages, and in locks the handlers' writes hold until the batch commits.
     """
 
     max_attempts: int = 5  # handler attempts before the message is dead-lettered; 1..100
@@ -144,7 +145,7 @@ class ConsumerConfig:
     db_backoff_max: float = 30.0  # s; cap of one such wait; db_backoff_base..3600
     poll_batch_size: int = 100  # max messages per poll (kafka max_poll_records); 1..10000
     poll_timeout_ms: int = 1000  # run()'s wait per poll, bounds stop() latency; 1..60000
-    transaction_batch_size: int = 50  # messages per DB transaction, a savepoint each (see above); 1..10000
+    transaction_batch_size: int = 50  # messages per DB transaction (see above); 1..10000
 
     def __post_init__(self) -> None:
         _check_range("max_attempts", self.max_attempts, 1, 100)
@@ -207,6 +208,23 @@ _INBOX_INSERT = (
 )
 
 
+# The batch's claim: one round trip for all its messages, rows in the batch's order.
+_INBOX_CLAIM = text(f"""
+    INSERT INTO {outbox_inbox.name} (consumer_group, event_id, topic, partition, "offset")
+    SELECT :group, m.event_id, m.topic, m.partition, m."offset"
+    FROM unnest(CAST(:event_ids AS uuid[]), CAST(:topics AS text[]),
+                CAST(:partitions AS integer[]), CAST(:offsets AS bigint[]))
+         WITH ORDINALITY AS m(event_id, topic, partition, "offset", n)
+    ORDER BY m.n
+    ON CONFLICT (consumer_group, event_id) DO NOTHING
+    RETURNING event_id
+""")
+_INBOX_UNCLAIM = text(
+    f"DELETE FROM {outbox_inbox.name} "
+    "WHERE consumer_group = :group AND event_id = ANY(CAST(:event_ids AS uuid[]))"
+)
+
+
 def apply_event(session: Session, *, group: str, event: Event, handler: Handler) -> bool:
     """Record `event` in `group`'s inbox and run `handler`, inside `session`'s transaction.
 
@@ -264,6 +282,15 @@ class _DatabaseUnavailable(_GiveBack):
 
 class _TransactionFailed(Exception):
     """A batch's transaction failed as a whole while the database answers: apply its messages alone."""
+
+
+class _HandlerFailed(Exception):
+    """The handler of the batch's record `index` raised `error`; the batch's transaction rolled back."""
+
+    def __init__(self, index: int, error: Exception) -> None:
+        super().__init__(index, error)
+        self.index = index
+        self.error = error
 
 
 class Consumer:
@@ -384,7 +411,7 @@ class Consumer:
         """Poll once (waiting up to `timeout_ms`), handle what arrived, commit offsets.
 
         The messages are applied in transactions of up to
-        `transaction_batch_size`, a savepoint each (see the module docstring);
+        `transaction_batch_size` (see the module docstring);
         the offsets are committed once, at the end, after those transactions.
         Returns the number of messages handled (applied, duplicates and dead
         letters). Messages not handled, because `stop()` was called or the
@@ -442,43 +469,77 @@ class Consumer:
         return handled
 
     def _apply_batch(self, records: Sequence[Any]) -> tuple[list[Any], tuple[Any, Exception] | None]:
-        """Apply `records` in one transaction, a savepoint each, up to the first handler failure.
+        """Apply `records` in one transaction, up to the first handler failure.
 
         Returns the records whose work committed, in order, and the record
-        whose handler raised (its savepoint rolled back, its error kept for
-        the retries) or None; the records after it are not touched. Raises
+        whose handler raised (with its error, kept for the retries) or None;
+        the records after it are not touched. A handler failure rolls the
+        whole transaction back, so the records before the failed one are
+        applied again, in a new transaction, without it (their handlers run
+        twice; only the committed run has effects). Raises
         `_DatabaseUnavailable` when nothing committed because the database
         does not answer, `_TransactionFailed` when the transaction failed as
         a whole although it does.
         """
-        done: list[tuple[Any, Callable[[], None]]] = []  # record, its stats and log line
         failed: tuple[Any, Exception] | None = None
+        while records:
+            try:
+                committed = self._apply_in_one_transaction(records)
+            except _HandlerFailed as failure:
+                failed = (records[failure.index], failure.error)
+                records = records[: failure.index]
+                continue
+            # A shorter `committed` is a batch cut by stop() or the time budget:
+            # the failed record no longer follows it, so it is re-read instead.
+            return committed, failed if len(committed) == len(records) else None
+        return [], failed
+
+    def _apply_in_one_transaction(self, records: Sequence[Any]) -> list[Any]:
+        """Claim the records' event ids in the inbox (one statement), run the handlers, commit.
+
+        No savepoint per message: those cost two round trips each, and a
+        handler failure is rare enough to pay for with a rolled-back batch
+        (`_HandlerFailed`, raised with nothing committed). Returns the records
+        whose work committed: all of them, or fewer when stop() or the time
+        budget cut the batch short.
+        """
+        done: list[tuple[Any, Callable[[], None]]] = []  # record, its stats and log line
         try:
             with Session(self._engine) as session:
                 transaction = session.begin()
-                for record in records:
+                decoded = [_try_decode(record) for record in records]
+                claimed = _claim(session, self.group, [e for e in decoded if isinstance(e, Event)])
+                for index, (record, event) in enumerate(zip(records, decoded, strict=True)):
                     if done and self._out_of_time():
-                        break  # commit what is done; the rest is given back
-                    try:
-                        event = _decode(record)
-                    except MalformedMessageError as exc:
-                        note = self._park(session, record, exc, attempts=1,
+                        # The rest is given back: its claims must not commit without its effects.
+                        _unclaim(session, self.group, claimed)
+                        break
+                    if not isinstance(event, Event):
+                        note = self._park(session, record, event, attempts=1,
                                           event_id=_raw_event_id(record.headers))
                         done.append((record, note))
                         continue
-                    try:
-                        with session.begin_nested():
-                            applied = self._apply(session, event)
-                    except Exception as exc:
-                        failed = (record, exc)
-                        break
+                    applied = event.id in claimed
+                    if applied:
+                        claimed.discard(event.id)  # a second copy in this batch is a duplicate
+                        try:
+                            self._run_handler(session, transaction, event)
+                        except Exception as exc:
+                            raise _HandlerFailed(index, exc) from exc
                     done.append((record, partial(self._note_applied, event, applied)))
                 if done:
                     _check_transaction(session, transaction)
                     session.commit()
+        except _HandlerFailed as failure:
+            # Checked after the session gave its connection back, so that a pool
+            # of one connection cannot make the check wait for the session itself.
+            if not self._database_answers():
+                # Not the message's fault: wait and retry the whole batch.
+                raise _DatabaseUnavailable(describe_error(failure.error)) from failure.error
+            raise
         except Exception as exc:
-            # The transaction as a whole (a savepoint that could not be rolled
-            # back, a dead letter, the commit): nothing of it committed.
+            # The transaction as a whole (the inbox claim, a dead letter, the
+            # commit): nothing of it committed.
             if not self._database_answers():
                 raise _DatabaseUnavailable(describe_error(exc)) from exc
             raise _TransactionFailed(describe_error(exc)) from exc
@@ -486,21 +547,13 @@ class Consumer:
             failpoint(FAILPOINT_AFTER_DB_COMMIT)
             for _, note in done:
                 note()
-        # Checked after the session gave its connection back, so that a pool of
-        # one connection cannot make the check wait for the session itself.
-        if failed is not None and not self._database_answers():
-            # Not the message's fault: with nothing committed, wait and retry
-            # the whole batch; otherwise the message heads the next one.
-            if not done:
-                raise _DatabaseUnavailable(describe_error(failed[1])) from failed[1]
-            failed = None
-        return [record for record, _ in done], failed
+        return [record for record, _ in done]
 
     def _handle_alone(self, record: Any, failed_attempt: Exception | None = None) -> None:
         """One message in transactions of its own: retries, then a dead letter; outages waited out.
 
         `failed_attempt` is the error of the attempt already made inside a
-        batch's savepoint: it counts as attempt 1.
+        batch: it counts as attempt 1.
         """
         for attempt in self._while_database_down(record, 1):
             with attempt:
@@ -546,10 +599,17 @@ class Consumer:
 
     def _apply(self, session: Session, event: Event) -> bool:
         transaction = session.get_transaction()
-        applied = apply_event(session, group=self.group, event=event, handler=self._handler)
+        return apply_event(
+            session, group=self.group, event=event,
+            handler=lambda s, e: self._run_handler(s, transaction, e),
+        )
+
+    def _run_handler(
+        self, session: Session, transaction: SessionTransaction | None, event: Event
+    ) -> None:
+        self._handler(session, event)
         session.flush()  # the handler's pending ORM changes: if they fail, it is the handler's try
         _check_transaction(session, transaction)
-        return applied
 
     def _dead_letter(
         self, record: Any, exc: BaseException, *, attempts: int, event_id: uuid.UUID | None
@@ -809,6 +869,38 @@ def _decode(record: Any) -> Event:
     )
 
 
+def _try_decode(record: Any) -> Event | MalformedMessageError:
+    try:
+        return _decode(record)
+    except MalformedMessageError as exc:
+        return exc
+
+
+def _claim(session: Session, group: str, events: Sequence[Event]) -> set[uuid.UUID]:
+    """Insert the events' inbox rows in one statement; returns the ids that were new to `group`.
+
+    An id the group already has (committed, or claimed by a transaction that
+    then commits: the INSERT waits for it) is not returned, nor is the second
+    copy of an id that appears twice in `events`.
+    """
+    if not events:
+        return set()
+    rows = session.execute(_INBOX_CLAIM, {
+        "group": group,
+        "event_ids": [e.id for e in events],
+        "topics": [e.topic for e in events],
+        "partitions": [e.partition for e in events],
+        "offsets": [e.offset for e in events],
+    })
+    return set(rows.scalars())
+
+
+def _unclaim(session: Session, group: str, event_ids: set[uuid.UUID]) -> None:
+    """Delete inbox rows this transaction claimed but did not apply (they go back to Kafka)."""
+    if event_ids:
+        session.execute(_INBOX_UNCLAIM, {"group": group, "event_ids": list(event_ids)})
+
+
 _PQTRANS_INERROR = 3  # libpq's transaction status "in a failed transaction block" (psycopg, psycopg2)
 
 
@@ -818,11 +910,9 @@ def _check_transaction(session: Session, expected: SessionTransaction | None) ->
     Both catch a handler that broke its contract without raising. One that
     swallowed a database error leaves the transaction aborted: COMMIT would
     quietly roll everything back (the driver raises nothing, so the messages
-    would count as applied and their offsets move on), and a failed RELEASE
-    SAVEPOINT leaves the transaction unusable (SQLAlchemy then emits no
-    ROLLBACK TO SAVEPOINT). One that committed or rolled back ended the
-    transaction, and the session would quietly begin another. Raised inside
-    the savepoint, the error rolls back that message alone.
+    would count as applied and their offsets move on). One that committed or
+    rolled back ended the transaction, and the session would quietly begin
+    another. Raised after the handler, the error counts as its failure.
     """
     if session.get_transaction() is not expected:
         raise OutboxError("the handler committed or rolled back the session's transaction")

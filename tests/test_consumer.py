@@ -293,7 +293,7 @@ def test_handler_failing_once_mid_batch_applies_every_message_once_in_order(
 
     def flaky_middle(session: Session, event: Event) -> None:
         calls.append(event.id)
-        record_effect_and_xid(session, event)  # rolled back with its savepoint when we raise
+        record_effect_and_xid(session, event)  # rolled back with the batch when we raise
         if event.id == ids[2] and calls.count(event.id) == 1:
             raise RuntimeError("ledger busy")
 
@@ -302,7 +302,8 @@ def test_handler_failing_once_mid_batch_applies_every_message_once_in_order(
                       sleeps=sleeps) as consumer:
         drain(consumer, lambda: handled(consumer) == 5)
 
-    assert calls == [ids[0], ids[1], ids[2], ids[2], ids[3], ids[4]]
+    # The failure rolls back the batch; its first two run again without it.
+    assert calls == [ids[0], ids[1], ids[2], ids[0], ids[1], ids[2], ids[3], ids[4]]
     assert effect_rows(effects, topic) == ids
     stats = consumer.stats
     assert (stats.applied, stats.duplicates, stats.retries, stats.dead_lettered) == (5, 0, 1, 0)
@@ -327,7 +328,7 @@ def test_handler_always_failing_mid_batch_parks_it_and_applies_its_neighbours_on
 
     def strict(session: Session, event: Event) -> None:
         calls.append(event.id)
-        record_effect(session, event)  # rolled back with its savepoint when we raise
+        record_effect(session, event)  # rolled back with the batch when we raise
         if event.data["amount"] < 0:
             raise ValueError("negative amount")
 
@@ -336,7 +337,7 @@ def test_handler_always_failing_mid_batch_parks_it_and_applies_its_neighbours_on
 
     assert effect_rows(effects, topic) == [ids[0], ids[1], ids[3], ids[4]]
     assert calls.count(ids[2]) == FAST_CONFIG.max_attempts
-    assert [calls.count(i) for i in ids[:2] + ids[3:]] == [1, 1, 1, 1]
+    assert [calls.count(i) for i in ids[:2] + ids[3:]] == [2, 2, 1, 1]
     stats = consumer.stats
     assert (stats.applied, stats.dead_lettered) == (4, 1)
     assert stats.retries == FAST_CONFIG.max_attempts - 1
@@ -356,7 +357,7 @@ def test_handler_swallowing_a_database_error_is_retried_not_counted_as_applied(
 ) -> None:
     # PostgreSQL aborts the transaction after a failed statement even if the
     # handler catches the error: COMMIT would then quietly roll back the whole
-    # batch. The consumer must see it, roll back that message's savepoint only,
+    # batch. The consumer must see it, count it as that message's failure,
     # and keep its neighbours.
     events = [cloud_event() for _ in range(3)]
     ids = [event_id for event_id, _ in events]
@@ -373,7 +374,7 @@ def test_handler_swallowing_a_database_error_is_retried_not_counted_as_applied(
     with consumer_for(effects, bootstrap_servers, group, topic, careless) as consumer:
         drain(consumer, lambda: handled(consumer) == 3)
 
-    assert calls == [ids[0], ids[1], ids[1], ids[2]]
+    assert calls == [ids[0], ids[1], ids[0], ids[1], ids[2]]
     assert effect_rows(effects, topic) == ids
     stats = consumer.stats
     assert (stats.applied, stats.retries, stats.dead_lettered) == (3, 1, 0)
@@ -385,7 +386,7 @@ def test_handler_rolling_back_the_session_loses_nothing_of_its_batch(
 ) -> None:
     # Against the handler contract, and it takes the batch's earlier messages
     # with it: the session would quietly begin a new transaction, so the
-    # consumer must notice and apply that batch again, one message at a time.
+    # consumer must notice, apply the earlier messages again and retry this one.
     events = [cloud_event() for _ in range(3)]
     ids = [event_id for event_id, _ in events]
     produce(bootstrap_servers, topic, [(0, message) for _, message in events])
@@ -403,7 +404,7 @@ def test_handler_rolling_back_the_session_loses_nothing_of_its_batch(
     assert calls == [ids[0], ids[1], ids[0], ids[1], ids[2]]
     assert effect_rows(effects, topic) == ids
     stats = consumer.stats
-    assert (stats.applied, stats.duplicates, stats.dead_lettered) == (3, 0, 0)
+    assert (stats.applied, stats.duplicates, stats.retries, stats.dead_lettered) == (3, 0, 1, 0)
     assert committed(admin, group) == {0: 3}
 
 
@@ -610,6 +611,41 @@ def test_stop_during_retries_gives_the_message_back_undead_and_uncommitted(
     with consumer_for(effects, bootstrap_servers, group, topic, record_effect) as successor:
         drain(successor, lambda: successor.stats.applied == 1)
     assert effect_rows(effects, topic) == [event_id]
+
+
+def test_stop_mid_batch_commits_the_handled_part_and_unclaims_the_rest(
+    effects: Engine, bootstrap_servers: str, topic: str, group: str, admin: KafkaAdminClient
+) -> None:
+    # The batch claims all its event ids in the inbox before the first handler
+    # runs; a batch cut short must not commit the claims of the messages it
+    # gives back, or their successor would skip them as duplicates.
+    events = [cloud_event() for _ in range(5)]
+    ids = [event_id for event_id, _ in events]
+    produce(bootstrap_servers, topic, [(0, message) for _, message in events])
+    consumer: Consumer | None = None
+
+    def stop_after_second(session: Session, event: Event) -> None:
+        assert consumer is not None
+        record_effect(session, event)
+        if event.id == ids[1]:
+            consumer.stop()
+
+    consumer = consumer_for(effects, bootstrap_servers, group, topic, stop_after_second)
+    with consumer:
+        deadline = time.monotonic() + 30
+        while consumer.stats.applied == 0 and time.monotonic() < deadline:
+            consumer.run_once(200)
+
+    assert consumer.stats.applied == 2
+    assert committed(admin, group) == {0: 2}
+    with effects.connect() as conn:
+        inbox = set(conn.execute(
+            select(outbox_inbox.c.event_id).where(outbox_inbox.c.consumer_group == group)
+        ).scalars())
+    assert inbox == set(ids[:2])
+    with consumer_for(effects, bootstrap_servers, group, topic, record_effect) as successor:
+        drain(successor, lambda: successor.stats.applied == 3)
+    assert effect_rows(effects, topic) == ids
 
 
 def test_sigterm_stops_run_in_main_thread_and_restores_previous_handler(
