@@ -80,6 +80,11 @@ class KafkaPublisher:
     def __init__(self, bootstrap_servers: str, overrides: Mapping[str, Any] | None = None) -> None:
         self._config = producer_config(bootstrap_servers, overrides or {})
         self._producer: KafkaProducer | None = None
+        # delivery.timeout.ms bounds each send in theory; kafka-python has been
+        # seen to leave a batch that was in flight when the broker died
+        # unresolved forever, and an unbounded flush() then stalls the relay
+        # (and its SIGTERM). Past this bound the round counts as failed.
+        self._flush_timeout = float(self._config["delivery_timeout_ms"]) / 1000 + 5
         log.info("kafka publisher settings: %s", safe_kafka_config(self._config))
 
     def publish(self, messages: Sequence[Message]) -> list[Delivery]:
@@ -108,8 +113,15 @@ class KafkaPublisher:
                 blocked_keys.add(slot)
                 continue
             futures.append((index, future))
-        producer.flush()
+        try:
+            producer.flush(timeout=self._flush_timeout)
+        except kafka_errors.KafkaTimeoutError:
+            log.warning("no outcome for %d event(s) after %.0f s; dropping the producer",
+                        sum(not f.is_done for _, f in futures), self._flush_timeout)
         for index, future in futures:
+            if not future.is_done:
+                results[index] = Delivery(False, "no acknowledgement within the flush timeout")
+                continue
             failure = future.exception if future.failed() else None
             results[index] = ACKNOWLEDGED if future.succeeded() else _failed(failure)
         deliveries = [r if r is not None else Delivery(False, "no outcome") for r in results]
