@@ -19,19 +19,21 @@ file with the same two methods.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from outbox.errors import ConfigError
 
 
-@dataclass(frozen=True, slots=True)
-class Message:
-    """One event ready for the wire (see `outbox/envelope.py` for the headers)."""
+class Message(NamedTuple):
+    """One event ready for the wire (see `outbox/envelope.py` for the headers).
 
-    event_id: uuid.UUID
+    A NamedTuple, not a frozen dataclass: just as immutable, and about three
+    times cheaper to make, which counts once per event in the relay loop.
+    """
+
+    event_id: str  # the event's UUID in canonical text form, as in its ce_id header
     topic: str
     key: bytes
     value: bytes
