@@ -23,7 +23,14 @@ from kafka import errors as kafka_errors
 
 from outbox.config import safe_kafka_config
 from outbox.errors import ConfigError
-from relay.publisher import ACKNOWLEDGED, Delivery, Message, require_safe_delivery
+from relay.publisher import (
+    ACKNOWLEDGED,
+    Delivery,
+    Message,
+    every_outcome,
+    require_safe_delivery,
+    send_in_key_order,
+)
 
 log = logging.getLogger(__name__)
 
@@ -84,36 +91,23 @@ class KafkaPublisher:
 
     def publish(self, messages: Sequence[Message]) -> list[Delivery]:
         producer = self._connect()
-        results: list[Delivery | None] = [None] * len(messages)
-        futures: list[tuple[int, Any]] = []
-        blocked_keys: set[tuple[str, bytes]] = set()
-        for index, message in enumerate(messages):
-            slot = (message.topic, message.key)
-            if slot in blocked_keys:
-                # An earlier event of this key failed: sending a later one
-                # now would overtake it.
-                results[index] = Delivery(
-                    False, "held back behind a failed event of its key", attempted=False
-                )
-                continue
-            try:
-                future = producer.send(
-                    message.topic, key=message.key, value=message.value, headers=message.headers
-                )
-            except Exception as exc:
-                # Raised before the message entered the producer: too large,
-                # bad topic, or no metadata for the topic within max_block_ms.
-                # Hold back this key only; other keys go on.
-                results[index] = _failed(exc)
-                blocked_keys.add(slot)
-                continue
-            futures.append((index, future))
+        futures: list[Any] = [None] * len(messages)
+        send = producer.send
+
+        def send_one(index: int, message: Message) -> None:
+            futures[index] = send(
+                message.topic, key=message.key, value=message.value, headers=message.headers
+            )
+
+        # send() raises before the message enters the producer for a message
+        # too large, a bad topic, or no metadata for the topic within max_block_ms.
+        results = send_in_key_order(messages, send_one, _failed)
         producer.flush()
-        for index, future in futures:
-            failure = future.exception if future.failed() else None
-            results[index] = ACKNOWLEDGED if future.succeeded() else _failed(failure)
-        deliveries = [r if r is not None else Delivery(False, "no outcome") for r in results]
-        if any(not d.acknowledged for d in deliveries):
+        for index, future in enumerate(futures):
+            if future is not None:
+                results[index] = ACKNOWLEDGED if future.succeeded() else _failed(future.exception)
+        deliveries = every_outcome(results, Delivery(False, "no outcome"))
+        if not all(d.acknowledged for d in deliveries):
             self.close()
         return deliveries
 
