@@ -149,7 +149,10 @@ _LEAVE = "DELETE FROM outbox_relay_member WHERE relay_id = %(me)s"
 
 # The fence: rows are deleted only for shards this relay still owns, with the
 # epoch it was granted, before expiry. FOR SHARE makes a concurrent claim of
-# those shards wait until this delete has committed.
+# those shards wait until this delete has committed. The ids come as one
+# comma-separated string: psycopg dumps a list element by element in Python
+# (about 1.4 ms for a batch of 500, on the relay's one busy thread), a join
+# takes microseconds, and canonical UUID text has no commas.
 _DELETE_PUBLISHED_FENCED = """
 WITH held AS (
     SELECT l.shard FROM outbox_relay_lease l
@@ -159,7 +162,7 @@ WITH held AS (
     FOR SHARE OF l
 ), published AS (
     DELETE FROM outbox_event
-    WHERE id = ANY(%(ids)s::uuid[]) AND shard IN (SELECT shard FROM held)
+    WHERE id = ANY(string_to_array(%(ids)s, ',')::uuid[]) AND shard IN (SELECT shard FROM held)
     RETURNING shard
 ), counted AS (
     UPDATE outbox_counter SET value = value + (SELECT count(*) FROM published)
@@ -236,7 +239,7 @@ def delete_published_fenced(
     rows = conn.execute(
         _DELETE_PUBLISHED_FENCED,
         {
-            "me": me, "ids": list(ids), "shards": shards,
+            "me": me, "ids": ",".join(ids), "shards": shards,
             "epochs": [leases[s] for s in shards], "counter": PUBLISHED_COUNTER,
         },
         prepare=True,
