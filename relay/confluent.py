@@ -32,14 +32,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 
 from outbox.config import safe_kafka_config
 from outbox.errors import ConfigError
-from relay.publisher import (
-    ACKNOWLEDGED,
-    Delivery,
-    Message,
-    every_outcome,
-    require_safe_delivery,
-    send_in_key_order,
-)
+from relay.publisher import ACKNOWLEDGED, Delivery, Message, every_outcome, require_safe_delivery, send_in_key_order
 
 log = logging.getLogger(__name__)
 
