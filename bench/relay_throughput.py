@@ -60,7 +60,7 @@ def sample_messages(count: int, source: str = "outbox-relay") -> list[Message]:
         key = str(uuid.uuid4())
         event_id = uuid.uuid4()
         messages.append(Message(
-            event_id=event_id, topic="", key=key.encode(), value=payment_payload(key, n),
+            event_id=str(event_id), topic="", key=key.encode(), value=payment_payload(key, n),
             headers=encode_headers(
                 event_id=event_id, type=EVENT_TYPE, source=source, time=now,
                 content_type="application/json", headers={"traceparent": traceparent(key, n)},

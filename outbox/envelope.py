@@ -31,21 +31,50 @@ def encode_headers(
     headers: Mapping[str, str],
 ) -> Headers:
     """The Kafka headers of one event, CloudEvents attributes first."""
-    encoded: Headers = [
-        ("ce_specversion", SPEC_VERSION.encode()),
-        ("ce_id", str(event_id).encode()),
-        ("ce_source", source.encode()),
-        ("ce_type", type.encode()),
-        ("ce_time", format_time(time).encode()),
-        ("content-type", content_type.encode()),
-    ]
-    encoded.extend((name, value.encode()) for name, value in headers.items())
-    return encoded
+    return HeaderEncoder(source).encode(
+        str(event_id), type, format_time(time), content_type, headers
+    )
+
+
+class HeaderEncoder:
+    """`encode_headers` for one source, for the relay's per-event loop.
+
+    The attributes every event of a relay shares are encoded once; the id
+    and the time arrive as text (PostgreSQL formats them, see
+    relay/store.py), so no UUID or datetime object is made per event.
+    """
+
+    __slots__ = ("_source", "_specversion")
+
+    def __init__(self, source: str) -> None:
+        # Tuples are immutable, so every message can share these two.
+        self._specversion = ("ce_specversion", SPEC_VERSION.encode())
+        self._source = ("ce_source", source.encode())
+
+    def encode(
+        self, event_id: str, type: str, time: str, content_type: str, headers: Mapping[str, str]
+    ) -> Headers:
+        """`time` as `format_time` writes it; `event_id` in the canonical UUID form."""
+        encoded: Headers = [
+            self._specversion,
+            ("ce_id", event_id.encode()),
+            self._source,
+            ("ce_type", type.encode()),
+            ("ce_time", time.encode()),
+            ("content-type", content_type.encode()),
+        ]
+        for name, value in headers.items():
+            encoded.append((name, value.encode()))
+        return encoded
 
 
 def format_time(time: datetime) -> str:
-    """RFC 3339 in UTC with microseconds, as CloudEvents asks."""
-    return time.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    """RFC 3339 in UTC, always with microseconds, as CloudEvents asks.
+
+    Always six digits (isoformat would drop them at .000000), so this and
+    the relay's SQL formatting (relay/store.py) agree to the character.
+    """
+    return time.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 def decode(

@@ -32,7 +32,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 
 from outbox.config import safe_kafka_config
 from outbox.errors import ConfigError
-from relay.publisher import ACKNOWLEDGED, Delivery, Message, require_safe_delivery
+from relay.publisher import ACKNOWLEDGED, Delivery, Message, every_outcome, require_safe_delivery, send_in_key_order
 
 log = logging.getLogger(__name__)
 
@@ -123,35 +123,23 @@ class ConfluentPublisher:
 
     def publish(self, messages: Sequence[Message]) -> list[Delivery]:
         producer = self._connect()
-        results: list[Delivery | None] = [None] * len(messages)
-        blocked_keys: set[tuple[str, bytes]] = set()
+        # Filled by delivery reports, which can already arrive while later
+        # messages are produced (_produce serves them when the queue is full).
+        reports: list[Delivery | None] = [None] * len(messages)
 
-        def report(index: int) -> Any:
+        def send_one(index: int, message: Message) -> None:
             def on_delivery(err: KafkaError | None, _msg: Any) -> None:
-                results[index] = ACKNOWLEDGED if err is None else _failed(err)
-            return on_delivery
+                reports[index] = ACKNOWLEDGED if err is None else _failed(err)
 
-        for index, message in enumerate(messages):
-            slot = (message.topic, message.key)
-            if slot in blocked_keys:
-                results[index] = Delivery(
-                    False, "held back behind a failed event of its key", attempted=False
-                )
-                continue
-            try:
-                self._produce(producer, message, report(index))
-            except (KafkaException, ValueError, TypeError) as exc:
-                # Refused before it entered the producer (too large, bad topic):
-                # hold back this key only; other keys go on.
-                err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else exc
-                results[index] = _failed(err)
-                blocked_keys.add(slot)
+            self._produce(producer, message, on_delivery)
+
+        refused = send_in_key_order(messages, send_one, _refused)
         left = producer.flush(self._flush_timeout)
-        deliveries = [
-            r if r is not None else Delivery(False, f"no delivery report ({left} still queued)")
-            for r in results
-        ]
-        if any(not d.acknowledged for d in deliveries):
+        deliveries = every_outcome(
+            [r if r is not None else reports[i] for i, r in enumerate(refused)],
+            Delivery(False, f"no delivery report ({left} still queued)"),
+        )
+        if not all(d.acknowledged for d in deliveries):
             self.close()
         return deliveries
 
@@ -184,6 +172,15 @@ class ConfluentPublisher:
         if self._producer is None:
             self._producer = Producer(self._config)
         return self._producer
+
+
+def _refused(exc: Exception) -> Delivery | None:
+    """produce() refused the message before it entered the producer (too large,
+    bad topic): its own failure. Anything else is the client's, and propagates."""
+    if not isinstance(exc, (KafkaException, ValueError, TypeError)):
+        return None
+    err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else exc
+    return _failed(err)
 
 
 def _failed(err: KafkaError | BaseException) -> Delivery:

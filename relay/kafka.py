@@ -23,7 +23,7 @@ from kafka import errors as kafka_errors
 
 from outbox.config import safe_kafka_config
 from outbox.errors import ConfigError
-from relay.publisher import ACKNOWLEDGED, Delivery, Message, require_safe_delivery
+from relay.publisher import ACKNOWLEDGED, Delivery, Message, every_outcome, require_safe_delivery, send_in_key_order
 
 log = logging.getLogger(__name__)
 
@@ -89,43 +89,31 @@ class KafkaPublisher:
 
     def publish(self, messages: Sequence[Message]) -> list[Delivery]:
         producer = self._connect()
-        results: list[Delivery | None] = [None] * len(messages)
-        futures: list[tuple[int, Any]] = []
-        blocked_keys: set[tuple[str, bytes]] = set()
-        for index, message in enumerate(messages):
-            slot = (message.topic, message.key)
-            if slot in blocked_keys:
-                # An earlier event of this key failed: sending a later one
-                # now would overtake it.
-                results[index] = Delivery(
-                    False, "held back behind a failed event of its key", attempted=False
-                )
-                continue
-            try:
-                future = producer.send(
-                    message.topic, key=message.key, value=message.value, headers=message.headers
-                )
-            except Exception as exc:
-                # Raised before the message entered the producer: too large,
-                # bad topic, or no metadata for the topic within max_block_ms.
-                # Hold back this key only; other keys go on.
-                results[index] = _failed(exc)
-                blocked_keys.add(slot)
-                continue
-            futures.append((index, future))
+        futures: list[Any] = [None] * len(messages)
+        send = producer.send
+
+        def send_one(index: int, message: Message) -> None:
+            futures[index] = send(
+                message.topic, key=message.key, value=message.value, headers=message.headers
+            )
+
+        # send() raises before the message enters the producer for a message
+        # too large, a bad topic, or no metadata for the topic within max_block_ms.
+        results = send_in_key_order(messages, send_one, _failed)
         try:
             producer.flush(timeout=self._flush_timeout)
         except kafka_errors.KafkaTimeoutError:
             log.warning("no outcome for %d event(s) after %.0f s; dropping the producer",
-                        sum(not f.is_done for _, f in futures), self._flush_timeout)
-        for index, future in futures:
+                        sum(f is not None and not f.is_done for f in futures), self._flush_timeout)
+        for index, future in enumerate(futures):
+            if future is None:
+                continue
             if not future.is_done:
                 results[index] = Delivery(False, "no acknowledgement within the flush timeout")
-                continue
-            failure = future.exception if future.failed() else None
-            results[index] = ACKNOWLEDGED if future.succeeded() else _failed(failure)
-        deliveries = [r if r is not None else Delivery(False, "no outcome") for r in results]
-        if any(not d.acknowledged for d in deliveries):
+            else:
+                results[index] = ACKNOWLEDGED if future.succeeded() else _failed(future.exception)
+        deliveries = every_outcome(results, Delivery(False, "no outcome"))
+        if not all(d.acknowledged for d in deliveries):
             self.close()
         return deliveries
 

@@ -19,19 +19,21 @@ file with the same two methods.
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from outbox.errors import ConfigError
 
 
-@dataclass(frozen=True, slots=True)
-class Message:
-    """One event ready for the wire (see `outbox/envelope.py` for the headers)."""
+class Message(NamedTuple):
+    """One event ready for the wire (see `outbox/envelope.py` for the headers).
 
-    event_id: uuid.UUID
+    A NamedTuple, not a frozen dataclass: just as immutable, and about three
+    times cheaper to make, which counts once per event in the relay loop.
+    """
+
+    event_id: str  # the event's UUID in canonical text form, as in its ce_id header
     topic: str
     key: bytes
     value: bytes
@@ -50,6 +52,7 @@ class Delivery:
 
 
 ACKNOWLEDGED = Delivery(acknowledged=True)
+HELD_BACK = Delivery(False, "held back behind a failed event of its key", attempted=False)
 
 
 def require_safe_delivery(*, acks: object, idempotence: object, in_flight: object, retries: object) -> None:
@@ -74,6 +77,43 @@ def require_safe_delivery(*, acks: object, idempotence: object, in_flight: objec
         )
     if retries == 0:
         raise ConfigError("OUTBOX_KAFKA_RETRIES", "0 disables the idempotent producer's retries")
+
+
+def send_in_key_order(
+    messages: Sequence[Message],
+    send: Callable[[int, Message], object],
+    refused: Callable[[Exception], Delivery | None],
+) -> list[Delivery | None]:
+    """Hand each message (with its index) to a client's `send`, in order.
+
+    Returns the outcomes known at once, None for messages the client took. A
+    message the client refuses before taking it (too large, bad topic, no
+    metadata in time) fails alone, and every later message of its key is
+    held back, so none overtakes it; other keys go on. `refused` turns the
+    client's exception into the message's `Delivery`, or returns None when
+    the exception means the client itself is broken: that one propagates.
+    """
+    results: list[Delivery | None] = [None] * len(messages)
+    blocked: set[tuple[str, bytes]] = set()
+    for index, message in enumerate(messages):
+        if blocked and (message.topic, message.key) in blocked:
+            results[index] = HELD_BACK
+            continue
+        try:
+            send(index, message)
+        except Exception as exc:
+            delivery = refused(exc)
+            if delivery is None:
+                raise
+            results[index] = delivery
+            blocked.add((message.topic, message.key))
+    return results
+
+
+def every_outcome(results: Sequence[Delivery | None], missing: Delivery) -> list[Delivery]:
+    """`results` with `missing` for any message the client never reported on:
+    a publisher never returns a message in neither state."""
+    return [missing if r is None else r for r in results]
 
 
 class Publisher(Protocol):

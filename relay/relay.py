@@ -22,6 +22,7 @@ a time, and the delete in step 3 is fenced by the lease's epoch.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -30,7 +31,7 @@ from typing import Any
 import psycopg
 from tenacity import Retrying, retry_if_exception_type, wait_exponential, wait_random
 
-from outbox.envelope import encode_headers
+from outbox.envelope import HeaderEncoder
 from outbox.errors import ConfigError
 from outbox.failpoints import failpoint
 from relay import store
@@ -74,6 +75,7 @@ class Relay:
     ) -> None:
         self.config = config
         self._publisher = publisher or make_publisher(config)
+        self._headers = HeaderEncoder(config.source)
         self.leases = ShardLeases(config.database_url, config.relay_id, ttl=config.lease_ttl)
         self._conn: psycopg.Connection[Any] | None = None
         self._stopping = threading.Event()
@@ -121,7 +123,7 @@ class Relay:
         if not rows:
             return 0
         try:
-            deliveries = self._publisher.publish([self._message(row) for row in rows])
+            deliveries = self._publisher.publish(self._messages(rows))
         except Exception as exc:
             # The publisher could not even try (no broker reachable, client
             # failure): nothing was acknowledged, so nothing is forgotten.
@@ -197,21 +199,16 @@ class Relay:
             for _ in conn.notifies(timeout=0):
                 pass  # all answered by the next round
 
-    def _message(self, row: store.Row) -> Message:
-        return Message(
-            event_id=row.id,
-            topic=row.topic,
-            key=row.key.encode(),
-            value=row.payload,
-            headers=encode_headers(
-                event_id=row.id,
-                type=row.type,
-                source=self.config.source,
-                time=row.created_at,
-                content_type=row.content_type,
-                headers=row.headers,
-            ),
-        )
+    def _messages(self, rows: Sequence[store.Row]) -> list[Message]:
+        encode = self._headers.encode
+        loads = json.loads
+        return [
+            Message(
+                event_id, topic, key.encode(), payload,
+                encode(event_id, event_type, time, content_type, loads(headers) if headers != "{}" else {}),
+            )
+            for event_id, topic, key, event_type, payload, content_type, headers, time in rows
+        ]
 
     def _settle_failures(
         self,

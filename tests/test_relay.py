@@ -14,9 +14,10 @@ from sqlalchemy import Engine, func, select, text
 from sqlalchemy.orm import Session
 
 import outbox
+from outbox.envelope import encode_headers
 from outbox.errors import ConfigError
 from outbox.parked import list_parked, replay_parked
-from outbox.schema import outbox_event
+from outbox.schema import outbox_event, outbox_parked
 from outbox.stats import outbox_stats
 from relay import RelayConfig
 from relay.kafka import producer_config
@@ -85,6 +86,95 @@ def test_relay_publishes_cloudevents_in_commit_order(
     with clean_db.connect() as conn:
         stats = outbox_stats(conn)
     assert (stats.committed, stats.published, stats.backlog) == (300, 300, 0)
+
+
+def test_relay_headers_are_exactly_encode_headers_of_the_stored_event(
+    clean_db: Engine, database_url: str, bootstrap_servers: str, topic: str
+) -> None:
+    """The relay formats ce_id and ce_time in SQL and pre-encodes the constant
+    attributes; the bytes on the wire must be those of `encode_headers`, the
+    reference, for any stored time (six digits of microseconds even at zero,
+    UTC whatever the session's time zone) and with or without user headers."""
+    with Session(clean_db) as session:
+        plain = outbox.publish(session, topic=topic, key="a", type="payment.captured", data={})
+        with_headers = outbox.publish(
+            session, topic=topic, key="b", type="payment.refunded", data=b"raw",
+            headers={"traceparent": "00-abc-def-01", "x-tenant": "zürich"},
+        )
+        session.commit()
+    with clean_db.begin() as conn:
+        conn.execute(text(
+            "UPDATE outbox_event SET created_at = CASE id"
+            " WHEN :plain THEN timestamptz '2026-03-01 12:00:00+00'"
+            " ELSE timestamptz '2026-03-01 23:59:59.000001+05:30' END"
+        ), {"plain": plain.id})
+        stored = conn.execute(select(
+            outbox_event.c.id, outbox_event.c.type, outbox_event.c.created_at,
+            outbox_event.c.content_type, outbox_event.c.headers,
+        )).all()
+    # The relay's own session in a time zone that is neither UTC nor whole hours.
+    url = f"{database_url}{'&' if '?' in database_url else '?'}options=-c%20TimeZone%3DAmerica/St_Johns"
+    with relay_thread(_config(url, bootstrap_servers)):
+        wait_until(lambda: _backlog(clean_db) == 0, timeout=30, what="backlog to drain")
+    received = {r.event_id: r for r in read_topic(bootstrap_servers, topic, expect=2)}
+    assert len(received) == 2
+    for event_id, type, created_at, content_type, headers in stored:
+        expected = encode_headers(
+            event_id=event_id, type=type, source="outbox-relay", time=created_at,
+            content_type=content_type, headers=headers,
+        )
+        assert list(received[event_id].headers.items()) == expected
+    assert received[plain.id].headers["ce_time"] == b"2026-03-01T12:00:00.000000Z"
+    assert received[with_headers.id].headers["ce_time"] == b"2026-03-01T18:29:59.000001Z"
+    assert received[with_headers.id].headers["x-tenant"] == "zürich".encode()
+
+
+@pytest.mark.parametrize("publisher", ["kafka-python", "confluent"])
+def test_a_refused_event_holds_back_later_events_of_its_key_only(
+    clean_db: Engine, database_url: str, bootstrap_servers: str, topic: str, publisher: str
+) -> None:
+    """Both publishers: the producer refuses an event at once (larger than its
+    max request size); the later event of the same key waits behind it, not
+    counted as a failure, while other keys go on."""
+    with Session(clean_db) as session:
+        first = outbox.publish(session, topic=topic, key="k", type="t", data={"n": 1})
+        big = outbox.publish(
+            session, topic=topic, key="k", type="t", data="x" * 1_500_000,
+            max_payload_bytes=2_000_000,
+        )
+        later = outbox.publish(session, topic=topic, key="k", type="t", data={"n": 3})
+        other = outbox.publish(session, topic=topic, key="other", type="t", data={"n": 4})
+        session.commit()
+
+    def attempts(event_id: uuid.UUID) -> int | None:
+        with clean_db.connect() as conn:
+            return conn.execute(
+                select(outbox_event.c.attempts).where(outbox_event.c.id == event_id)
+            ).scalar_one_or_none()
+
+    config = _config(database_url, bootstrap_servers, max_attempts=1000, publisher=publisher)
+    with relay_thread(config):
+        wait_until(lambda: (attempts(big.id) or 0) >= 3, timeout=30, what="three refusals")
+    assert _backlog(clean_db) == 2  # the refused event and the one behind it
+    assert attempts(later.id) == 0
+    received = read_topic(bootstrap_servers, topic, expect=2)
+    assert {r.event_id for r in received} == {first.id, other.id}
+
+    # Parked (as after max_attempts), it no longer holds its key back.
+    with clean_db.begin() as conn:
+        conn.execute(text(
+            "WITH p AS (DELETE FROM outbox_event WHERE id = :id RETURNING *)"
+            " INSERT INTO outbox_parked (id, topic, key, type, payload, content_type, headers,"
+            " created_at, position, attempts, error)"
+            " SELECT id, topic, key, type, payload, content_type, headers, created_at, position,"
+            " attempts, 'test' FROM p"
+        ), {"id": big.id})
+    with relay_thread(config):
+        wait_until(lambda: _backlog(clean_db) == 0, timeout=30, what="the held-back event")
+    received = read_topic(bootstrap_servers, topic, expect=3)
+    assert first_occurrences(received)["k"] == [first.id, later.id]
+    with clean_db.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(outbox_parked)).scalar_one() == 1
 
 
 def test_concurrent_same_key_transactions_are_published_in_commit_order(
