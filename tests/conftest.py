@@ -9,6 +9,7 @@ fixtures fail loudly; they never skip.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from collections.abc import Iterator
@@ -63,15 +64,24 @@ def admin(bootstrap_servers: str) -> Iterator[KafkaAdminClient]:
 
 @pytest.fixture
 def make_topic(admin: KafkaAdminClient) -> Iterator[object]:
-    """Creates fresh topics (4 partitions) with unique names, so tests never see each other."""
+    """Creates fresh topics (4 partitions) with unique names, so tests never see each other.
+
+    They are deleted after the test: every partition left behind makes each
+    later broker restart (the fault tests do several) recover one more log.
+    """
+    created: list[str] = []
 
     def make(prefix: str = "t", partitions: int = 4) -> str:
         name = f"{prefix}-{uuid.uuid4().hex[:10]}"
         admin.create_topics([NewTopic(name, partitions, 1)])
+        created.append(name)
         _wait_for_leaders(admin, name, partitions)
         return name
 
     yield make
+    if created:
+        with contextlib.suppress(Exception):  # best effort: a broker restarted by the test may lag
+            admin.delete_topics(created)
 
 
 @pytest.fixture
