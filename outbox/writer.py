@@ -85,9 +85,9 @@ def publish(
         max_payload_bytes=max_payload_bytes,
     )
     if isinstance(session, Session):
-        # A Core INSERT on the session's own connection and transaction: the
-        # ORM unit of work would cost more Python time than the rest of a
-        # typical payment transaction (see bench/, write cost).
+        # The INSERT runs on the session's own connection and transaction,
+        # not through the ORM unit of work, which would cost more Python time
+        # than the rest of a typical payment transaction (bench/, write cost).
         _execute_insert(session.connection(bind_arguments={"mapper": OutboxRow}), values)
     elif _is_async(session, "AsyncSession"):
         session.add(OutboxRow(**values))  # type: ignore[union-attr]  # narrowed by _is_async
