@@ -189,3 +189,39 @@ def test_one_transaction_publishing_20000_distinct_keys_commits(clean_db: Engine
             select(func.count()).select_from(outbox_event).where(outbox_event.c.position.is_not(None))
         ).scalar_one()
     assert numbered == 20_000
+
+
+def test_the_insert_goes_through_sqlalchemy_events_and_error_wrapping(clean_db: Engine) -> None:
+    """`publish` skips the compile cache, not the Connection: cursor events see the INSERT,
+    and a reused event id is SQLAlchemy's IntegrityError, as for any statement."""
+    from sqlalchemy import event as sa_event
+    from sqlalchemy.exc import IntegrityError
+
+    seen: list[str] = []
+
+    def record(conn: object, cursor: object, statement: str, *args: object) -> None:
+        seen.append(statement)
+
+    sa_event.listen(clean_db, "before_cursor_execute", record)
+    try:
+        chosen = uuid.uuid4()
+        with Session(clean_db) as session:
+            outbox.publish(session, topic="payments", key="k", type="t", data={}, event_id=chosen)
+            with pytest.raises(IntegrityError):
+                outbox.publish(session, topic="payments", key="k", type="t", data={}, event_id=chosen)
+    finally:
+        sa_event.remove(clean_db, "before_cursor_execute", record)
+    assert sum("INSERT INTO outbox_event" in s for s in seen) == 2
+    assert _count(clean_db) == 0
+
+
+def test_publish_on_a_connection_with_a_schema_translate_map(clean_db: Engine) -> None:
+    """A schema_translate_map needs SQLAlchemy's compiler; publish then uses the Core INSERT."""
+    with clean_db.connect() as conn:
+        conn = conn.execution_options(schema_translate_map={None: "public"})
+        with conn.begin():
+            event = outbox.publish(conn, topic="payments", key="k", type="t", data={"x": 1},
+                                   headers={"h": "v"})
+    with clean_db.connect() as conn:
+        row = conn.execute(select(outbox_event).where(outbox_event.c.id == event.id)).one()
+    assert (row.payload, row.headers) == (b'{"x":1}', {"h": "v"})
