@@ -113,6 +113,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--backlog-measured", type=int, help="events timed per backlog size")
     p.add_argument("--relay-events", type=int, help="backlog drained in measurement 2")
     p.add_argument("--steady-seconds", type=float, help="length of the steady run (3b)")
+    p.add_argument("--latency-loads",
+                   help="measurement 4's loads as RATE/PER_TX/SECONDS, comma-separated, "
+                        "e.g. 500/1/30,5000/10/10 (the full run's)")
     p.add_argument("--profile", action="store_true",
                    help="pyinstrument profiles of the relay and consumer loops in results/profiles/")
     p.add_argument("--output-dir", default=str(RESULTS), help="default: bench/results")
@@ -131,7 +134,21 @@ def _sizes(args: argparse.Namespace) -> Sizes:
         changes["relay_events"] = args.relay_events
     if args.steady_seconds:
         changes["steady_seconds"] = args.steady_seconds
+    if args.latency_loads:
+        changes["latency_loads"] = tuple(_latency_load(v) for v in args.latency_loads.split(","))
     return dataclasses.replace(sizes, **changes) if changes else sizes
+
+
+def _latency_load(value: str) -> tuple[int, int, float]:
+    try:
+        rate, per_tx, seconds = value.strip().split("/")
+        load = (int(rate), int(per_tx), float(seconds))
+    except ValueError:
+        raise SystemExit(f"bench: --latency-loads: {value!r} is not RATE/PER_TX/SECONDS, "
+                         "e.g. 500/1/30") from None
+    if min(load) <= 0:
+        raise SystemExit(f"bench: --latency-loads: {value!r} needs positive numbers")
+    return load
 
 
 def _chosen(args: argparse.Namespace) -> list[str]:
