@@ -65,7 +65,6 @@ from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 from sqlalchemy import Engine, exists, literal, select, text
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.types import LargeBinary
 from tenacity import (
@@ -200,15 +199,8 @@ class ConsumerStats:
     database_waits: int = 0  # backoffs because the database did not answer
 
 
-# Built once: the unique key (consumer_group, event_id) decides who applies an event.
-_INBOX_INSERT = (
-    pg_insert(outbox_inbox)
-    .on_conflict_do_nothing(index_elements=[outbox_inbox.c.consumer_group, outbox_inbox.c.event_id])
-    .returning(outbox_inbox.c.event_id)
-)
-
-
-# The batch's claim: one round trip for all its messages, rows in the batch's order.
+# The unique key (consumer_group, event_id) decides who applies an event. One
+# statement claims a whole batch (one round trip), rows in the batch's order.
 _INBOX_CLAIM = text(f"""
     INSERT INTO {outbox_inbox.name} (consumer_group, event_id, topic, partition, "offset")
     SELECT :group, m.event_id, m.topic, m.partition, m."offset"
@@ -231,24 +223,15 @@ def apply_event(session: Session, *, group: str, event: Event, handler: Handler)
     Returns False, without running the handler, when the group already has
     the event. Nothing is committed here: the caller's commit makes the inbox
     row and the handler's effects durable together, and a rollback discards
-    both, so the event can be applied again. The consumer and dead-letter
-    replay both go through this function.
+    both, so the event can be applied again. Dead-letter replay and the
+    consumer's one-message path go through this function; its batches claim
+    with the same statement (`_claim`).
     """
     if event.partition is None or event.offset is None:
         raise MalformedMessageError(
             f"event {event.id} has no partition/offset; only consumed events can be applied"
         )
-    inserted = session.execute(
-        _INBOX_INSERT,
-        {
-            "consumer_group": group,
-            "event_id": event.id,
-            "topic": event.topic,
-            "partition": event.partition,
-            "offset": event.offset,
-        },
-    ).first()
-    if inserted is None:
+    if event.id not in _claim(session, group, [event]):
         return False
     handler(session, event)
     return True
