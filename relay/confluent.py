@@ -32,7 +32,15 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 
 from outbox.config import safe_kafka_config
 from outbox.errors import ConfigError
-from relay.publisher import ACKNOWLEDGED, Delivery, Message, every_outcome, require_safe_delivery, send_in_key_order
+from relay.publisher import (
+    ACKNOWLEDGED,
+    Delivery,
+    Message,
+    every_outcome,
+    flush_timeout,
+    require_safe_delivery,
+    send_in_key_order,
+)
 
 log = logging.getLogger(__name__)
 
@@ -116,9 +124,7 @@ class ConfluentPublisher:
     def __init__(self, bootstrap_servers: str, overrides: Mapping[str, Any] | None = None) -> None:
         self._config = confluent_config(bootstrap_servers, overrides or {})
         self._producer: Producer | None = None
-        # Longest a batch may take: every message is acknowledged or has
-        # failed by delivery.timeout.ms; the margin covers callback serving.
-        self._flush_timeout = float(self._config["delivery.timeout.ms"]) / 1000 + 5
+        self._flush_timeout = flush_timeout(self._config["delivery.timeout.ms"])
         log.info("confluent publisher settings: %s", safe_kafka_config(self._config))
 
     def publish(self, messages: Sequence[Message]) -> list[Delivery]:

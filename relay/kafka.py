@@ -23,7 +23,15 @@ from kafka import errors as kafka_errors
 
 from outbox.config import safe_kafka_config
 from outbox.errors import ConfigError
-from relay.publisher import ACKNOWLEDGED, Delivery, Message, every_outcome, require_safe_delivery, send_in_key_order
+from relay.publisher import (
+    ACKNOWLEDGED,
+    Delivery,
+    Message,
+    every_outcome,
+    flush_timeout,
+    require_safe_delivery,
+    send_in_key_order,
+)
 
 log = logging.getLogger(__name__)
 
@@ -80,11 +88,7 @@ class KafkaPublisher:
     def __init__(self, bootstrap_servers: str, overrides: Mapping[str, Any] | None = None) -> None:
         self._config = producer_config(bootstrap_servers, overrides or {})
         self._producer: KafkaProducer | None = None
-        # delivery.timeout.ms bounds each send in theory; kafka-python has been
-        # seen to leave a batch that was in flight when the broker died
-        # unresolved forever, and an unbounded flush() then stalls the relay
-        # (and its SIGTERM). Past this bound the round counts as failed.
-        self._flush_timeout = float(self._config["delivery_timeout_ms"]) / 1000 + 5
+        self._flush_timeout = flush_timeout(self._config["delivery_timeout_ms"])
         log.info("kafka publisher settings: %s", safe_kafka_config(self._config))
 
     def publish(self, messages: Sequence[Message]) -> list[Delivery]:

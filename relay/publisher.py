@@ -110,6 +110,17 @@ def send_in_key_order(
     return results
 
 
+def flush_timeout(delivery_timeout_ms: float) -> float:
+    """Seconds a publisher waits for a batch's outcomes before it counts the rest as failed.
+
+    delivery.timeout.ms bounds every send, in theory; kafka-python has been
+    seen to leave a batch that was in flight when the broker died unresolved
+    forever, and an unbounded wait would stall the relay (and its SIGTERM).
+    The margin covers the serving of delivery reports.
+    """
+    return delivery_timeout_ms / 1000 + 5
+
+
 def every_outcome(results: Sequence[Delivery | None], missing: Delivery) -> list[Delivery]:
     """`results` with `missing` for any message the client never reported on:
     a publisher never returns a message in neither state."""
