@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from bench import profiling
-from bench.env import EVENT_TYPE, BenchEnv, payment_payload, traceparent
+from bench.env import EVENT_TYPE, BenchEnv, FillReport, payment_payload, traceparent
 from bench.machine import CpuMeter, CpuUsage
 from bench.progress import Progress
 from bench.report import Row, Section
@@ -119,6 +119,23 @@ def drain_with_relay(
         relay.close()
 
 
+def fill_and_drain(
+    env: BenchEnv, topic: str, events: int, *, publisher: Publisher, batch_size: int, label: str,
+) -> tuple[FillReport, int, float, CpuUsage]:
+    """Empty the tables, fill a backlog of `events` for `topic`, drain it with `drain_with_relay`.
+
+    Returns (the fill's report, events timed, seconds, cpu).
+    """
+    env.reset()
+    bar = Progress("fill backlog", events)
+    fill = env.fill(topic, events, on_progress=bar.update)
+    bar.close(events)
+    done, seconds, cpu = drain_with_relay(
+        env, events, publisher=publisher, batch_size=batch_size, label=label
+    )
+    return fill, done, seconds, cpu
+
+
 def raw_kafka_python(
     env: BenchEnv, topic: str, messages: Sequence[Message], count: int, *, flush_every: int | None
 ) -> tuple[float, CpuUsage]:
@@ -166,14 +183,10 @@ def run(env: BenchEnv, sizes: Sizes) -> Section:
     messages = sample_messages(min(POOL, events))
 
     # Relay with kafka-python.
-    env.reset()
     relay_topic = env.topic("relay")
-    bar = Progress("fill backlog", events)
-    fill = env.fill(relay_topic, events, on_progress=bar.update)
-    bar.close(events)
-    done, relay_s, relay_cpu = drain_with_relay(
-        env, events, publisher=KafkaPublisher(env.bootstrap_servers), batch_size=batch,
-        label="relay (kafka-python)",
+    fill, done, relay_s, relay_cpu = fill_and_drain(
+        env, relay_topic, events, publisher=KafkaPublisher(env.bootstrap_servers),
+        batch_size=batch, label="relay (kafka-python)",
     )
     relay_rate = done / relay_s
     acked = env.end_offsets(relay_topic)
@@ -187,12 +200,9 @@ def run(env: BenchEnv, sizes: Sizes) -> Section:
 
     # The same loop with a publisher that acknowledges at once: what the
     # database round trips and the encoding alone allow.
-    env.reset()
-    bar = Progress("fill backlog", events)
-    env.fill(relay_topic, events, on_progress=bar.update)
-    bar.close(events)
-    null_done, null_s, null_cpu = drain_with_relay(
-        env, events, publisher=NullPublisher(), batch_size=batch, label="relay (no broker)",
+    _, null_done, null_s, null_cpu = fill_and_drain(
+        env, relay_topic, events, publisher=NullPublisher(), batch_size=batch,
+        label="relay (no broker)",
     )
     null_rate = null_done / null_s
 
@@ -241,14 +251,10 @@ def _confluent(
     except ImportError as exc:
         section.details["confluent"] = f"skipped: {exc}"
         return
-    env.reset()
     topic = env.topic("relaycf")
-    bar = Progress("fill backlog", events)
-    env.fill(topic, events, on_progress=bar.update)
-    bar.close(events)
-    done, relay_s, relay_cpu = drain_with_relay(
-        env, events, publisher=ConfluentPublisher(env.bootstrap_servers), batch_size=batch,
-        label="relay (confluent)",
+    _, done, relay_s, relay_cpu = fill_and_drain(
+        env, topic, events, publisher=ConfluentPublisher(env.bootstrap_servers),
+        batch_size=batch, label="relay (confluent)",
     )
     relay_rate = done / relay_s
     acked = env.end_offsets(topic)
