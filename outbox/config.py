@@ -13,6 +13,8 @@ are the only way a URL or a Kafka config reaches a log line or an error.
 
 from __future__ import annotations
 
+import difflib
+import math
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -25,15 +27,21 @@ DATABASE_URL_ENV = "OUTBOX_DATABASE_URL"
 BOOTSTRAP_SERVERS_ENV = "OUTBOX_KAFKA_BOOTSTRAP_SERVERS"
 KAFKA_PREFIX = "OUTBOX_KAFKA_"
 
-_SECRET_WORDS = ("password", "secret", "token", "key")  # "ssl_keyfile" paths are harmless but masked too
-_BOOL_WORDS = {"true": True, "false": False, "yes": True, "no": False, "1": True, "0": False}
+# A setting whose name holds one of these is a secret ("ssl_keyfile" paths are
+# harmless but masked too; "pasw" and "pwd" catch the usual misspellings).
+_SECRET_WORDS = ("password", "passwd", "pasw", "pwd", "secret", "token", "key", "credential", "jaas")
+_TRUE_WORDS = ("true", "1", "yes", "on")
+_FALSE_WORDS = ("false", "0", "no", "off")
+BOOL_WORDS = (*_TRUE_WORDS, *_FALSE_WORDS)
 
 
 def database_url(url: str | None = None, env: Mapping[str, str] | None = None) -> str:
     """The database URL from the argument or `OUTBOX_DATABASE_URL`.
 
-    A plain `postgresql://` URL is upgraded to the psycopg 3 driver, which is
-    the only driver the kit is tested with.
+    `postgresql://` and `postgres://` URLs are upgraded to the psycopg 3
+    driver, the only one the kit is tested with; another driver is refused.
+    The password (in the URL or as a `?password=` parameter) is remembered
+    as a secret, so that `safe_kafka_config` and friends mask it anywhere.
     """
     env = os.environ if env is None else env
     value = url or env.get(DATABASE_URL_ENV)
@@ -48,19 +56,31 @@ def database_url(url: str | None = None, env: Mapping[str, str] | None = None) -
         raise ConfigError(
             DATABASE_URL_ENV, "is not a valid SQLAlchemy URL (expected postgresql+psycopg://...)"
         ) from None
-    if parsed.get_backend_name() != "postgresql":
+    backend, _, driver = parsed.drivername.partition("+")
+    if backend not in ("postgresql", "postgres"):
         raise ConfigError(
-            DATABASE_URL_ENV, f"backend {parsed.get_backend_name()!r} is not supported; use PostgreSQL"
+            DATABASE_URL_ENV, f"backend {backend!r} is not supported; use postgresql+psycopg://..."
         )
-    if parsed.drivername in ("postgresql", "postgres"):
-        parsed = parsed.set(drivername="postgresql+psycopg")
+    if driver not in ("", "psycopg"):
+        raise ConfigError(
+            DATABASE_URL_ENV,
+            f"driver {driver!r} is not supported; the kit needs psycopg 3: postgresql+psycopg://...",
+        )
+    parsed = parsed.set(drivername="postgresql+psycopg")
+    register_secret(parsed.password)
+    for name, query_value in parsed.query.items():
+        if is_secret(name):
+            for item in (query_value,) if isinstance(query_value, str) else query_value:
+                register_secret(item)
     return parsed.render_as_string(hide_password=False)
 
 
 def safe_url(url: str) -> str:
-    """The URL with its password replaced by ***, for logs and errors."""
+    """The URL with its password (also a `?password=` parameter) replaced by ***, for logs and errors."""
     try:
-        return make_url(url).render_as_string(hide_password=True)
+        parsed = make_url(url)
+        masked = {k: ("***" if is_secret(k) else v) for k, v in parsed.query.items()}
+        return parsed.set(query=masked).render_as_string(hide_password=True)
     except Exception:
         return "<unparseable database URL>"
 
@@ -85,35 +105,134 @@ def kafka_client_config(env: Mapping[str, str] | None = None) -> dict[str, Any]:
     """kafka-python settings passed through from `OUTBOX_KAFKA_*` variables.
 
     `OUTBOX_KAFKA_BOOTSTRAP_SERVERS` is handled by `bootstrap_servers`; every
-    other variable with the prefix becomes a lower-case kafka-python setting.
-    Integers and booleans are converted; everything else stays a string.
+    other variable with the prefix must name a setting of kafka-python's
+    producer, consumer or admin client, and its text is converted by that
+    setting's own type (an int setting gets an int, a bool setting one of
+    `BOOL_WORDS`, a string setting the text as it is: a password `007`
+    stays `'007'`). A name the client does not know (a typo such as
+    `OUTBOX_KAFKA_SASL_PLAIN_PASWORD`) is refused: silently ignored, it
+    would leave the client unauthenticated and retrying forever.
     """
     env = os.environ if env is None else env
+    known = kafka_settings()
     config: dict[str, Any] = {}
-    for name, raw in env.items():
+    for name, raw in sorted(env.items()):
         if not name.startswith(KAFKA_PREFIX) or name == BOOTSTRAP_SERVERS_ENV:
             continue
         setting = name[len(KAFKA_PREFIX):].lower()
-        config[setting] = _coerce(raw)
+        if setting not in known:
+            close = difflib.get_close_matches(setting, list(known), n=1)
+            hint = f"; did you mean {KAFKA_PREFIX}{close[0].upper()}?" if close else ""
+            raise ConfigError(name, f"is not a kafka-python client setting{hint}")
+        value = _convert(name, raw, known[setting], setting)
+        if is_secret(setting):
+            register_secret(value)
+        config[setting] = value
     return config
 
 
-def _coerce(raw: str) -> Any:
-    if raw.lower() in _BOOL_WORDS:
-        return _BOOL_WORDS[raw.lower()]
+def kafka_settings() -> dict[str, Any]:
+    """Every kafka-python client setting, with its default (producer, consumer, admin)."""
+    # Imported here: `import outbox` to call `publish` must not load kafka-python.
+    from kafka import KafkaConsumer, KafkaProducer
+    from kafka.admin import KafkaAdminClient
+
+    return {**KafkaAdminClient.DEFAULT_CONFIG, **KafkaConsumer.DEFAULT_CONFIG,
+            **KafkaProducer.DEFAULT_CONFIG}
+
+
+# Settings whose default is None but whose value is not text.
+_INT_SETTINGS = frozenset({"receive_buffer_bytes", "send_buffer_bytes"})
+
+
+def _convert(name: str, raw: str, default: Any, setting: str) -> Any:
+    if setting == "acks":  # 0, 1 or all (-1)
+        return raw if raw == "all" else _to_int(name, raw)
+    if setting == "api_version":  # "3.6" or "3.6.0" -> (3, 6, 0)
+        try:
+            return tuple(int(part) for part in raw.split("."))
+        except ValueError:
+            raise ConfigError(name, "is not a version like 3.6.0") from None
+    if isinstance(default, bool):
+        return parse_bool(name, raw)
+    if isinstance(default, int) or setting in _INT_SETTINGS:
+        return _to_int(name, raw)
+    if isinstance(default, float):  # retries (inf), consumer_timeout_ms
+        number = _to_float(name, raw)
+        return int(number) if number.is_integer() else number
+    if isinstance(default, str):
+        return raw
+    if default is None and not (setting.endswith(("serializer", "deserializer", "_provider"))
+                                or setting == "ssl_context"):
+        return raw
+    raise ConfigError(
+        name, "takes a Python object, not text; pass it in code (Consumer(..., **kafka_config))"
+    )
+
+
+def _to_int(name: str, raw: str) -> int:
     try:
         return int(raw)
     except ValueError:
-        return raw
+        raise ConfigError(name, f"{_shown(name, raw)} is not an integer") from None
+
+
+def _to_float(name: str, raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(name, f"{_shown(name, raw)} is not a number") from None
+    if value != value:  # NaN
+        raise ConfigError(name, "NaN is not a number")
+    return value
+
+
+def _shown(name: str, raw: str) -> str:
+    """A value for an error line: quoted, unless its setting is a secret."""
+    return "the value" if is_secret(name) else repr(raw)
+
+
+def parse_bool(name: str, raw: str) -> bool:
+    """One list of words for every boolean setting of the kit; anything else is refused."""
+    word = raw.strip().lower()
+    if word in _TRUE_WORDS:
+        return True
+    if word in _FALSE_WORDS:
+        return False
+    raise ConfigError(
+        name, f"{_shown(name, raw)} is not a boolean; use one of {', '.join(BOOL_WORDS)}"
+    )
+
+
+def env_bool(name: str, default: bool, env: Mapping[str, str] | None = None) -> bool:
+    env = os.environ if env is None else env
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    return parse_bool(name, raw)
 
 
 def is_secret(setting: str) -> bool:
-    return any(word in setting.lower() for word in _SECRET_WORDS)
+    lowered = setting.lower()
+    return any(word in lowered for word in _SECRET_WORDS)
+
+
+# Values of every secret setting read so far (Kafka passwords, database
+# passwords), so that a config dump masks them whatever name they sit under.
+_SECRET_VALUES: set[str] = set()
+
+
+def register_secret(value: object) -> None:
+    if isinstance(value, str) and value:
+        _SECRET_VALUES.add(value)
 
 
 def safe_kafka_config(config: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy of a Kafka config fit for a log line: secrets become ***."""
-    return {k: ("***" if is_secret(k) else v) for k, v in config.items()}
+    """A copy of a Kafka config fit for a log line: secrets become ***, by name and by value."""
+    return {
+        k: ("***" if is_secret(k) or (isinstance(v, str) and v in _SECRET_VALUES) else v)
+        for k, v in config.items()
+    }
 
 
 def env_int(
@@ -143,6 +262,8 @@ def env_float(
         value = float(raw)
     except ValueError:
         raise ConfigError(name, f"{raw!r} is not a number") from None
+    if not math.isfinite(value):
+        raise ConfigError(name, f"{raw!r} is not a finite number")
     if value < minimum:
         raise ConfigError(name, f"{value} is below the minimum of {minimum}")
     return value

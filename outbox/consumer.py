@@ -47,7 +47,6 @@ message because the database is down, or log a payload or a secret.
 from __future__ import annotations
 
 import logging
-import re
 import signal
 import threading
 import time
@@ -88,7 +87,7 @@ from outbox.config import (
     safe_kafka_config,
 )
 from outbox.envelope import decode, headers_as_json
-from outbox.errors import ConfigError, MalformedMessageError, OutboxError
+from outbox.errors import ConfigError, MalformedMessageError, OutboxError, describe_error
 from outbox.event import Event
 from outbox.failpoints import failpoint
 from outbox.schema import outbox_dead_letter, outbox_inbox
@@ -235,24 +234,6 @@ def apply_event(session: Session, *, group: str, event: Event, handler: Handler)
         return False
     handler(session, event)
     return True
-
-
-def describe_error(exc: BaseException, *, limit: int = 500) -> str:
-    """`Type: first line of the message`, short, for logs and the dead-letter `error` column.
-
-    Only the first line: database errors put the SQL, its parameters and the
-    offending row on later lines, and those can hold payment data. Passwords
-    in URLs or `password=` pairs are masked in what is left.
-    """
-    lines = str(exc).replace("\x00", "\\x00").strip().splitlines()
-    message = _SECRET_URL.sub(r"\1***@", lines[0] if lines else "")
-    message = _SECRET_PAIR.sub(r"\1=***", message)
-    text = f"{type(exc).__module__}.{type(exc).__qualname__}: {message}".removeprefix("builtins.")
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-_SECRET_URL = re.compile(r"(://[^:/@\s]*:)[^@\s]*@")
-_SECRET_PAIR = re.compile(r"(?i)\b(password|passwd|pwd|secret|token)\s*=\s*\S+")
 
 
 class _GiveBack(Exception):

@@ -45,9 +45,9 @@ from typing import Any
 from sqlalchemy import Connection, Engine, delete, func, select, tuple_, update
 from sqlalchemy.orm import Session
 
-from outbox.consumer import Handler, apply_event, describe_error
+from outbox.consumer import Handler, apply_event
 from outbox.envelope import decode
-from outbox.errors import ConfigError, ParkedEventError
+from outbox.errors import ConfigError, ParkedEventError, describe_error
 from outbox.schema import outbox_dead_letter, outbox_inbox
 
 __all__ = [

@@ -15,6 +15,7 @@ database URL is always rendered with its password masked (see `config.safe_url`)
 
 from __future__ import annotations
 
+import re
 import uuid
 
 
@@ -75,3 +76,30 @@ class MalformedMessageError(OutboxError, ValueError):
 
 class ParkedEventError(OutboxError, LookupError):
     """A parked event or dead letter could not be found or replayed."""
+
+
+def describe_error(exc: BaseException, *, limit: int = 500) -> str:
+    """`Type: first line of the message`, short, for logs, error lines and stored errors.
+
+    Only the first line: database errors put the SQL, its parameters and the
+    offending row on later lines, and those can hold payment data. Passwords
+    in URLs or `password=` pairs are masked in what is left.
+    """
+    name = f"{type(exc).__module__}.{type(exc).__qualname__}".removeprefix("builtins.")
+    text = f"{name}: {first_line(exc)}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def first_line(exc: BaseException | None) -> str:
+    """The first line of an exception's message, secrets masked (see `describe_error`)."""
+    lines = str(exc).replace("\x00", "\\x00").strip().splitlines() if exc is not None else []
+    return mask_secrets(lines[0] if lines else "")
+
+
+def mask_secrets(text: str) -> str:
+    """`text` with URL passwords and `password=...` pairs replaced by ***."""
+    return _SECRET_PAIR.sub(r"\1=***", _SECRET_URL.sub(r"\1***@", text))
+
+
+_SECRET_URL = re.compile(r"(://[^:/@\s]*:)[^@\s]*@")
+_SECRET_PAIR = re.compile(r"(?i)\b(password|passwd|pwd|secret|token)\s*=\s*[^\s&]+")

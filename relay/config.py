@@ -12,6 +12,7 @@ from typing import Any
 from outbox.config import (
     bootstrap_servers,
     database_url,
+    env_bool,
     env_float,
     env_int,
     kafka_client_config,
@@ -85,7 +86,7 @@ class RelayConfig:
             "source": env.get("OUTBOX_RELAY_SOURCE", cls.source),
             "batch_size": env_int("OUTBOX_RELAY_BATCH_SIZE", cls.batch_size, env),
             "poll_interval": env_float("OUTBOX_RELAY_POLL_INTERVAL", cls.poll_interval, env),
-            "listen": env.get("OUTBOX_RELAY_LISTEN", "true").lower() not in ("0", "false", "no"),
+            "listen": env_bool("OUTBOX_RELAY_LISTEN", cls.listen, env),
             "max_attempts": env_int("OUTBOX_RELAY_MAX_ATTEMPTS", cls.max_attempts, env),
             "linger_ms": env_int("OUTBOX_RELAY_LINGER_MS", cls.linger_ms, env),
             "backoff_initial": env_float("OUTBOX_RELAY_BACKOFF_INITIAL", cls.backoff_initial, env),

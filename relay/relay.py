@@ -32,7 +32,7 @@ import psycopg
 from tenacity import Retrying, retry_if_exception_type, wait_exponential, wait_random
 
 from outbox.envelope import HeaderEncoder
-from outbox.errors import ConfigError
+from outbox.errors import ConfigError, first_line
 from outbox.failpoints import failpoint
 from relay import store
 from relay.config import RelayConfig
@@ -127,7 +127,7 @@ class Relay:
         except Exception as exc:
             # The publisher could not even try (no broker reachable, client
             # failure): nothing was acknowledged, so nothing is forgotten.
-            raise BrokerUnavailable(f"{type(exc).__name__}: {_first_line(exc)}") from exc
+            raise BrokerUnavailable(f"{type(exc).__name__}: {first_line(exc)}") from exc
         acknowledged = [row.id for row, d in zip(rows, deliveries, strict=True) if d.acknowledged]
         if acknowledged:
             failpoint("relay-after-ack")
@@ -254,10 +254,5 @@ class Relay:
         wait = state.next_action.sleep if state.next_action else 0.0
         log.warning(
             "relay round failed (%s: %s); retrying in %.1fs",
-            type(exc).__name__, _first_line(exc), wait,
+            type(exc).__name__, first_line(exc), wait,
         )
-
-
-def _first_line(exc: BaseException | None) -> str:
-    lines = str(exc).strip().splitlines() if exc else []
-    return lines[0] if lines else ""

@@ -7,9 +7,9 @@ from typing import Any
 import pytest
 from sqlalchemy import create_engine
 
-from outbox.consumer import Consumer, ConsumerConfig, describe_error
+from outbox.consumer import Consumer, ConsumerConfig
 from outbox.dead_letters import import_handler
-from outbox.errors import ConfigError
+from outbox.errors import ConfigError, describe_error
 from outbox.failpoints import parse
 
 # Never connected to: Consumer() talks to nothing until run_once().
