@@ -8,6 +8,11 @@ one and the host decides the version table; see the README).
 
 Only the kit's own tables are compared by `check`, so a host application's
 tables in the same database never make it fail.
+
+Online runs take a transaction-scoped advisory lock before Alembic reads the
+version table: replicas that all run `outbox db upgrade` at start-up take
+turns (the first migrates, the others then find the database at head)
+instead of racing to create the same tables and types.
 """
 
 from __future__ import annotations
@@ -15,12 +20,16 @@ from __future__ import annotations
 from typing import Any
 
 from alembic import context
-from sqlalchemy import create_engine, pool
+from sqlalchemy import Connection, create_engine, pool, text
 
 from outbox.config import database_url
 from outbox.schema import metadata
 
 VERSION_TABLE = "outbox_alembic_version"
+# pg_advisory_xact_lock(namespace, key) for migrations. A namespace of its own
+# ("outm"), so it never meets the commit trigger's key locks ("outb") nor a
+# host application's locks.
+MIGRATION_LOCK = (0x6F75746D, 1)
 
 config = context.config
 
@@ -56,18 +65,25 @@ def run_offline() -> None:
         context.run_migrations()
 
 
+def _migrate(connection: Connection) -> None:
+    _configure(connection=connection)
+    with context.begin_transaction():
+        # Held until this transaction ends; under READ COMMITTED the version
+        # table is read after the lock is granted, so it shows the work of
+        # whoever held it before.
+        connection.execute(text("SELECT pg_advisory_xact_lock(:ns, :key)"),
+                           {"ns": MIGRATION_LOCK[0], "key": MIGRATION_LOCK[1]})
+        context.run_migrations()
+
+
 def run_online() -> None:
     connectable = config.attributes.get("connection")
     if connectable is not None:
-        _configure(connection=connectable)
-        with context.begin_transaction():
-            context.run_migrations()
+        _migrate(connectable)
         return
     engine = create_engine(_url(), poolclass=pool.NullPool)
     with engine.connect() as connection:
-        _configure(connection=connection)
-        with context.begin_transaction():
-            context.run_migrations()
+        _migrate(connection)
     engine.dispose()
 
 

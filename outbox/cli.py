@@ -2,26 +2,93 @@
 plain function over the library (`outbox.migrate`, `outbox.stats`,
 `outbox.parked`, `outbox.dead_letters`, `relay.daemon`).
 
-Every `OutboxError` becomes one line on stderr and exit code 1 (2 for bad
-configuration); no traceback, no secret.
+Whatever goes wrong ends in one line on stderr, never a traceback, and never
+a secret (database URLs and `password=` pairs are masked, and an argument
+the parser did not recognise is shown by its option name only):
+
+    exit 2   the command line or a setting is wrong (`ConfigError`, argparse)
+    exit 1   the command ran and failed: an `OutboxError`, or the database
+             refused (wrong password, unreachable, tables missing: "run
+             `outbox db upgrade`")
+
+The options every command shares (`--database-url`, `--log-level`) are
+defined once, in `shared_options()`, and attached to every parser level, so
+they work before or after any subcommand: `outbox --database-url URL db
+upgrade` and `outbox db upgrade --database-url URL` are the same.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
 import uuid
 from collections.abc import Callable, Sequence
-from typing import Any
+from datetime import timedelta
+from typing import Any, NoReturn
 
 from sqlalchemy import Engine, create_engine
+from sqlalchemy.exc import SQLAlchemyError
 
 from outbox import migrate
-from outbox.config import database_url
-from outbox.errors import ConfigError, OutboxError
+from outbox.config import database_url, safe_url
+from outbox.errors import ConfigError, OutboxError, describe_error, mask_secrets
 
 Command = Callable[[argparse.Namespace], int]
+
+log = logging.getLogger(__name__)
+
+# An inbox row younger than this is very likely still needed to deduplicate a
+# redelivery (see outbox.dead_letters, "Inbox retention"); purging that young
+# needs --yes.
+SHORTEST_SAFE_PURGE = timedelta(days=1)
+
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# What a shared option means when nobody gave it: argparse.SUPPRESS keeps an
+# option given at one level from being overwritten by another level's default,
+# so the defaults are filled in after parsing (`apply_shared_defaults`).
+SHARED_DEFAULTS: dict[str, Any] = {"database_url": None, "log_level": None}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with error lines that never echo a secret from the command line."""
+
+    def parse_args(  # type: ignore[override]  # same call, narrower result
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> argparse.Namespace:
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            # argparse would print the leftover words as they are; one of them
+            # is often a URL with its password, or the password itself.
+            self.error(f"unrecognized arguments: {' '.join(_option_names(extras))}")
+        return parsed
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {mask_secrets(message)}\n")
+
+
+def shared_options() -> argparse.ArgumentParser:
+    """The options every level of the command line accepts (a parent parser)."""
+    shared = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
+    shared.add_argument(
+        "--database-url", metavar="URL", help="SQLAlchemy URL; default: $OUTBOX_DATABASE_URL"
+    )
+    shared.add_argument(
+        "--log-level", type=log_level, metavar="LEVEL",
+        help="DEBUG, INFO, WARNING, ERROR or CRITICAL; default: INFO for relay, else WARNING",
+    )
+    return shared
+
+
+def apply_shared_defaults(args: argparse.Namespace, **overrides: Any) -> argparse.Namespace:
+    """Fill in the shared options nobody gave (see SHARED_DEFAULTS)."""
+    for name, default in {**SHARED_DEFAULTS, **overrides}.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, default)
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -29,90 +96,132 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     command: Command | None = getattr(args, "command", None)
     if command is None:
-        parser.print_help()
+        parser.print_help(sys.stderr)
         return 2
+    if command is run_relay:
+        apply_shared_defaults(args, log_level="INFO")  # relay.daemon.run configures logging
+    else:
+        apply_shared_defaults(args, log_level="WARNING")
+        logging.basicConfig(level=args.log_level, format="outbox: %(levelname)s %(name)s %(message)s")
     try:
         return command(args)
     except ConfigError as exc:
-        print(f"outbox: {exc}", file=sys.stderr)
-        return 2
+        return _fail(str(exc), 2)
     except OutboxError as exc:
-        print(f"outbox: {exc}", file=sys.stderr)
+        return _fail(str(exc), 1)
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130)
+    except BrokenPipeError:
+        # `outbox db upgrade --sql | head`: the reader has all it wanted. Point
+        # stdout at /dev/null so the interpreter's final flush stays quiet.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
         return 1
+    except (SQLAlchemyError, OSError) as exc:
+        log.debug("database error", exc_info=True)
+        return _fail(database_error_line(exc, args), 1)
+    except Exception as exc:
+        # A bug: still one line, and the traceback for whoever asks for it.
+        log.debug("unexpected error", exc_info=True)
+        return _fail(f"unexpected error: {describe_error(exc)} (--log-level DEBUG shows where)", 1)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="outbox", description="Transactional outbox: migrations, relay, operations."
-    )
-    parser.add_argument(
-        "--database-url", help="SQLAlchemy URL; default: $OUTBOX_DATABASE_URL", default=None
+def build_parser() -> Parser:
+    shared = [shared_options()]
+    parser = Parser(
+        prog="outbox", description="Transactional outbox: migrations, relay, operations.",
+        parents=shared,
     )
     commands = parser.add_subparsers(title="commands")
 
-    db = commands.add_parser("db", help="create, update and check the kit's tables")
+    def command(
+        group: Any, name: str, help: str, function: Command | None = None
+    ) -> argparse.ArgumentParser:
+        sub: argparse.ArgumentParser = group.add_parser(name, help=help, parents=shared)
+        if function is not None:
+            sub.set_defaults(command=function)
+        return sub
+
+    db = command(commands, "db", "create, update and check the kit's tables")
     db_commands = db.add_subparsers(title="db commands")
-    up = db_commands.add_parser("upgrade", help="migrate to the newest schema (or --revision)")
+    up = command(db_commands, "upgrade", "migrate to the newest schema (or --revision)", db_upgrade)
     up.add_argument("--revision", default=migrate.HEAD)
-    up.add_argument("--sql", action="store_true", help="print the DDL instead of running it")
-    up.set_defaults(command=db_upgrade)
-    down = db_commands.add_parser("downgrade", help="undo migrations down to --revision")
+    up.add_argument(
+        "--sql", action="store_true", help="print the DDL instead of running it (needs no database)"
+    )
+    down = command(db_commands, "downgrade", "undo migrations down to --revision", db_downgrade)
     down.add_argument("--revision", default="base", help="default: base (drops the kit's tables)")
     down.add_argument("--sql", action="store_true", help="print the DDL instead of running it")
-    down.set_defaults(command=db_downgrade)
-    db_commands.add_parser("current", help="the revision the database is at").set_defaults(
-        command=db_current
+    down.add_argument(
+        "--force", action="store_true",
+        help="drop tables that still hold events, inbox rows or dead letters (they are lost)",
     )
-    db_commands.add_parser("history", help="the revisions this kit ships").set_defaults(
-        command=db_history
+    command(db_commands, "current", "the revision the database is at", db_current)
+    command(db_commands, "history", "the revisions this kit ships", db_history)
+    command(
+        db_commands, "check",
+        "exit 1 unless the database matches the kit's models, commit trigger included", db_check,
     )
-    db_commands.add_parser(
-        "check", help="exit 1 unless the database matches the kit's models"
-    ).set_defaults(command=db_check)
 
-    relay_parser = commands.add_parser("relay", help="run the relay daemon (publish to Kafka)")
     from relay.daemon import add_arguments
 
-    add_arguments(relay_parser)
-    relay_parser.set_defaults(command=run_relay)
+    add_arguments(command(commands, "relay", "run the relay daemon (publish to Kafka)", run_relay))
 
-    commands.add_parser(
-        "stats", help="backlog Q = n - m, oldest unpublished event, parked events"
-    ).set_defaults(command=stats)
+    command(commands, "stats", "backlog Q = n - m, oldest unpublished event, parked events", stats)
 
-    parked = commands.add_parser("parked", help="events the relay could not publish")
+    parked = command(commands, "parked", "events the relay could not publish")
     parked_commands = parked.add_subparsers(title="parked commands")
-    parked_list = parked_commands.add_parser("list", help="show parked events with their error")
-    parked_list.add_argument("--limit", type=int, default=100)
-    parked_list.set_defaults(command=parked_list_command)
-    parked_replay = parked_commands.add_parser("replay", help="put parked events back in line")
-    parked_replay.add_argument("ids", nargs="*", type=uuid.UUID, help="event ids (default: all)")
-    parked_replay.set_defaults(command=parked_replay_command)
+    parked_list = command(
+        parked_commands, "list", "show parked events with their error", parked_list_command
+    )
+    parked_list.add_argument("--limit", type=positive_int, default=100)
+    parked_replay = command(
+        parked_commands, "replay", "put parked events back in line", parked_replay_command
+    )
+    parked_replay.add_argument("ids", nargs="*", type=event_id, help="event ids (default: all)")
 
-    dead = commands.add_parser("dead-letters", help="messages a consumer could not apply")
+    dead = command(commands, "dead-letters", "messages a consumer could not apply")
     dead_commands = dead.add_subparsers(title="dead-letter commands")
-    dead_list = dead_commands.add_parser("list", help="show dead letters with their error")
+    dead_list = command(
+        dead_commands, "list", "show dead letters with their error", dead_letters_list_command
+    )
     dead_list.add_argument("--group", help="only this consumer group")
-    dead_list.add_argument("--limit", type=int, default=100)
-    dead_list.set_defaults(command=dead_letters_list_command)
-    dead_replay = dead_commands.add_parser(
-        "replay", help="apply dead letters again through the consumer's handler"
+    dead_list.add_argument("--limit", type=positive_int, default=100)
+    dead_replay = command(
+        dead_commands, "replay", "apply dead letters again through the consumer's handler",
+        dead_letters_replay_command,
     )
     dead_replay.add_argument("--group", required=True)
     dead_replay.add_argument(
         "--handler", required=True, help="the consumer's handler as package.module:function"
     )
-    dead_replay.add_argument("ids", nargs="*", type=int, help="dead-letter ids (default: all)")
-    dead_replay.set_defaults(command=dead_letters_replay_command)
-
-    inbox = commands.add_parser("inbox", help="the consumers' record of applied event ids")
-    inbox_commands = inbox.add_subparsers(title="inbox commands")
-    purge = inbox_commands.add_parser(
-        "purge", help="delete inbox rows older than --older-than (see README: retention rule)"
+    dead_replay.add_argument(
+        "ids", nargs="*", type=positive_int, help="dead-letter ids (default: all)"
     )
-    purge.add_argument("--older-than", required=True, help="e.g. 14d, 36h, 90m")
+    dead_discard = command(
+        dead_commands, "discard",
+        "give up on dead letters that can never be applied (kept, marked, logged)",
+        dead_letters_discard_command,
+    )
+    dead_discard.add_argument("--group", required=True)
+    dead_discard.add_argument(
+        "--reason", required=True, help="why; stored with the dead letter and logged"
+    )
+    dead_discard.add_argument("ids", nargs="+", type=positive_int, help="dead-letter ids")
+
+    inbox = command(commands, "inbox", "the consumers' record of applied event ids")
+    inbox_commands = inbox.add_subparsers(title="inbox commands")
+    purge = command(
+        inbox_commands, "purge",
+        "delete inbox rows older than --older-than (see README: retention rule)",
+        inbox_purge_command,
+    )
+    purge.add_argument("--older-than", required=True, type=duration, help="e.g. 14d, 36h, 90m")
     purge.add_argument("--group", help="only this consumer group")
-    purge.set_defaults(command=inbox_purge_command)
+    purge.add_argument(
+        "--yes", action="store_true",
+        help=f"purge even when --older-than is under {SHORTEST_SAFE_PURGE.days} day",
+    )
     return parser
 
 
@@ -127,7 +236,7 @@ def db_upgrade(args: argparse.Namespace) -> int:
 
 
 def db_downgrade(args: argparse.Namespace) -> int:
-    migrate.downgrade(args.database_url, args.revision, sql=args.sql)
+    migrate.downgrade(args.database_url, args.revision, sql=args.sql, force=args.force)
     if not args.sql:
         print(f"outbox: database at {migrate.current(args.database_url) or 'base (no tables)'}")
     return 0
@@ -172,6 +281,13 @@ def stats(args: argparse.Namespace) -> int:
     print(f"backlog (Q = n - m)   {s.backlog}")
     print(f"oldest unpublished    {age}")
     print(f"parked                {s.parked}")
+    print(f"not yet numbered      {s.unnumbered}")
+    if s.unnumbered:
+        # Exit 1 as well, so a monitoring check that only looks at the code notices.
+        return _fail(
+            f"{s.unnumbered} committed event(s) have no position and will never be published: "
+            "the commit trigger is missing or broken; run `outbox db check`", 1,
+        )
     return 0
 
 
@@ -203,12 +319,16 @@ def parked_replay_command(args: argparse.Namespace) -> int:
 
 
 def dead_letters_list_command(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
     from outbox.dead_letters import list_dead_letters
 
     with _engine(args).connect() as conn:
         letters = list_dead_letters(conn, group=args.group, limit=args.limit)
     for letter in letters:
-        print(json.dumps(_jsonable(letter), default=str))
+        row = asdict(letter)
+        row["key"], row["value"] = text_or_hex(letter.key), text_or_hex(letter.value)
+        print(json.dumps(row, default=str, ensure_ascii=False))
     print(f"{len(letters)} dead letter(s)", file=sys.stderr)
     return 0
 
@@ -227,34 +347,144 @@ def dead_letters_replay_command(args: argparse.Namespace) -> int:
     return 1 if result.failed else 0
 
 
+def dead_letters_discard_command(args: argparse.Namespace) -> int:
+    from outbox.dead_letters import discard_dead_letters
+
+    with _engine(args).begin() as conn:
+        discarded = discard_dead_letters(conn, group=args.group, ids=args.ids, reason=args.reason)
+    print(f"outbox: {len(discarded)} dead letter(s) discarded: {', '.join(map(str, discarded))}")
+    return 0
+
+
 def inbox_purge_command(args: argparse.Namespace) -> int:
     from outbox.dead_letters import purge_inbox
 
+    older_than: timedelta = args.older_than
+    if older_than < SHORTEST_SAFE_PURGE:
+        risk = (
+            f"{_shown_duration(older_than)} is under {SHORTEST_SAFE_PURGE.days} day: "
+            "a message delivered again after its inbox row is purged is applied twice; keep rows "
+            "longer than the topic's retention.ms plus the longest consumer lag"
+        )
+        if not args.yes:
+            raise ConfigError("--older-than", f"{risk}; pass --yes if that is what you want")
+        print(f"outbox: warning: --older-than {risk}", file=sys.stderr)
     # Each batch commits on its own: a purge of millions of rows holds no long transaction.
-    count = purge_inbox(_engine(args), older_than=parse_duration(args.older_than), group=args.group)
+    count = purge_inbox(_engine(args), older_than=older_than, group=args.group)
     print(f"outbox: {count} inbox row(s) purged")
     return 0
 
 
-def parse_duration(text: str) -> Any:
-    from datetime import timedelta
+# -- argument types: each refuses a bad value with one line (exit 2) --------
 
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return value
+
+
+def event_id(text: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an event id (a UUID)") from None
+
+
+def log_level(text: str) -> str:
+    level = text.upper()
+    if level not in _LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(_LOG_LEVELS)}")
+    return level
+
+
+def duration(text: str) -> timedelta:
+    """`14d`, `36h`, `90m` or `30s` as a timedelta."""
     units = {"d": "days", "h": "hours", "m": "minutes", "s": "seconds"}
     number, unit = text[:-1], text[-1:]
-    if unit not in units or not number.isdigit():
-        raise ConfigError("--older-than", f"{text!r} is not a duration like 14d, 36h, 90m or 30s")
-    return timedelta(**{units[unit]: int(number)})
+    if unit not in units or not number.isascii() or not number.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 14d, 36h, 90m or 30s")
+    try:
+        value = timedelta(**{units[unit]: int(number)})
+    except OverflowError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is longer than {timedelta.max.days} days"
+        ) from None
+    if value <= timedelta(0):
+        raise argparse.ArgumentTypeError(f"{text!r} must be longer than zero")
+    return value
+
+
+# -- output -------------------------------------------------------------------
+
+
+def text_or_hex(value: bytes | None) -> str | None:
+    """Bytes as UTF-8 text when they are, else `hex:...` (how the kit stores odd headers)."""
+    if value is None:
+        return None
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        return "hex:" + value.hex()
+
+
+def database_error_line(exc: BaseException, args: argparse.Namespace) -> str:
+    """One line for an error the database (or the way to it) raised; secrets masked."""
+    import psycopg.errors
+
+    where = _shown_url(args)
+    cause = getattr(exc, "orig", None) or exc
+    if isinstance(cause, psycopg.errors.UndefinedTable):
+        return f"the kit's tables are missing in {where}: run `outbox db upgrade`"
+    if isinstance(cause, psycopg.OperationalError | OSError):
+        return (
+            f"cannot use the database {where}: {describe_error(cause)}; "
+            "check host, port, user and password of --database-url / $OUTBOX_DATABASE_URL"
+        )
+    return f"database error on {where}: {describe_error(cause)}"
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"outbox: {mask_secrets(message)}", file=sys.stderr)
+    return code
+
+
+def _option_names(words: Sequence[str]) -> list[str]:
+    # "--database-url=postgresql://u:pw@h/db" -> "--database-url=..."; a free word -> "..."
+    shown = []
+    for word in words:
+        if word.startswith("-") and len(word) > 1:
+            name, eq, _ = word.partition("=")
+            shown.append(name + ("=..." if eq else ""))
+        else:
+            shown.append("...")
+    return shown
+
+
+def _shown_duration(value: timedelta) -> str:
+    return f"{int(value.total_seconds())}s"
+
+
+def _shown_url(args: argparse.Namespace) -> str:
+    try:
+        return safe_url(database_url(getattr(args, "database_url", None)))
+    except OutboxError:
+        return "the database"
 
 
 def _engine(args: argparse.Namespace) -> Engine:
     return create_engine(database_url(args.database_url), pool_pre_ping=True)
-
-
-def _jsonable(value: Any) -> Any:
-    if hasattr(value, "__dataclass_fields__"):
-        from dataclasses import asdict
-
-        return asdict(value)
-    if hasattr(value, "_asdict"):
-        return value._asdict()
-    return value

@@ -280,3 +280,61 @@ def _headers_from_json(headers: dict[str, str]) -> list[tuple[str, bytes]]:
                 raw = bytes.fromhex(value[len(_HEX):])
         result.append((name, raw))
     return result
+
+
+def discard_dead_letters(
+    conn: Connection, *, group: str, ids: Sequence[int], reason: str, actor: str | None = None
+) -> list[int]:
+    """Give up on dead letters of `group` that can never be applied; returns their ids.
+
+    For a message no fixed handler will ever accept (garbage, an event of a
+    retired type). Nothing is deleted: each row keeps its key, value and
+    headers, gets `replayed_at` set (so replay and `list_dead_letters` pass
+    it by) and its error prefixed with `discarded by <actor>: <reason>`, and
+    one WARNING line per row is logged, as the audit trail. `actor` defaults
+    to the operating-system user and the database role.
+
+    Runs in the caller's transaction; nothing is discarded unless it commits.
+    Raises `ParkedEventError`, before changing anything, if an id is not a
+    dead letter of `group` still waiting to be replayed; `ConfigError` if no
+    id or no reason is given.
+    """
+    import getpass
+
+    from outbox.errors import mask_secrets
+
+    if not ids:
+        raise ConfigError("ids", "name the dead letters to discard; there is no 'all'")
+    if not reason.strip():
+        raise ConfigError("reason", "say why the dead letters are discarded (it is kept with them)")
+    reason = mask_secrets(" ".join(reason.split()))
+    t = outbox_dead_letter
+    wanted = sorted(set(ids))
+    found = set(
+        conn.execute(
+            select(t.c.id)
+            .where(t.c.consumer_group == group, t.c.id.in_(wanted), t.c.replayed_at.is_(None))
+            .with_for_update()
+        ).scalars()
+    )
+    missing = [i for i in wanted if i not in found]
+    if missing:
+        raise ParkedEventError(
+            f"no dead letter waiting with id {', '.join(map(str, missing))} for group {group!r}; "
+            "see `outbox dead-letters list`"
+        )
+    if actor is None:
+        try:
+            os_user = getpass.getuser()
+        except Exception:  # no login name in some containers
+            os_user = "unknown"
+        role = conn.execute(select(func.current_user())).scalar_one()
+        actor = f"{os_user} (database role {role})"
+    note = f"discarded by {actor}: {reason}; was: "
+    conn.execute(
+        update(t).where(t.c.id.in_(wanted)).values(replayed_at=func.now(), error=note + t.c.error)
+    )
+    for dead_letter_id in wanted:
+        log.warning("dead letter %s discarded: group=%s by=%s reason=%s", dead_letter_id, group,
+                    actor, reason)
+    return wanted

@@ -4,6 +4,13 @@ The backlog is Q = n - m (events committed minus events published), the
 formula of the article this kit started from. m is a counter the relay
 increments in the same transaction that deletes published rows, so it is
 exact; n is m plus the rows still waiting plus the parked ones.
+
+"Waiting" includes rows that have no `position`. Another session never sees
+an uncommitted row, and the commit trigger numbers every row before its
+transaction's commit becomes visible, so a row this query sees with
+`position` NULL was committed without the trigger (missing, disabled or
+replaced). The relay never publishes such a row; it is counted in n and Q,
+and separately as `unnumbered`, so a stuck backlog can never read as zero.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ class OutboxStats:
     committed: int  # n: every event whose transaction committed
     published: int  # m: acknowledged by the broker
     parked: int  # given up on by the relay; see `outbox parked list`
+    unnumbered: int  # committed without a position: the commit trigger is broken
     oldest_unpublished: datetime | None
     now: datetime
 
@@ -35,9 +43,11 @@ class OutboxStats:
 
 
 def outbox_stats(conn: Connection) -> OutboxStats:
-    waiting, oldest = conn.execute(
-        select(func.count(), func.min(outbox_event.c.created_at)).where(
-            outbox_event.c.position.is_not(None)
+    waiting, unnumbered, oldest = conn.execute(
+        select(
+            func.count(),
+            func.count().filter(outbox_event.c.position.is_(None)),
+            func.min(outbox_event.c.created_at),
         )
     ).one()
     parked = conn.execute(select(func.count()).select_from(outbox_parked)).scalar_one()
@@ -49,6 +59,7 @@ def outbox_stats(conn: Connection) -> OutboxStats:
         committed=published + waiting + parked,
         published=published,
         parked=parked,
+        unnumbered=unnumbered,
         oldest_unpublished=oldest,
         now=now,
     )

@@ -4,7 +4,10 @@ This module never commits, flushes or opens a connection. The event row is
 added to the session (or executed on the connection) the caller passes in, so
 it is committed exactly when the business rows are, and a rollback discards
 it. Every check runs before anything is added: a refused event raises an
-`InvalidEventError` and leaves the transaction as it was.
+`InvalidEventError` and leaves the transaction as it was. That includes what
+the database itself would refuse (a NUL character in a text or jsonb
+column, a string that is not valid Unicode): PostgreSQL would abort the
+caller's whole transaction, business rows and all, for one bad header.
 """
 
 from __future__ import annotations
@@ -34,8 +37,9 @@ MAX_PAYLOAD_BYTES_ENV = "OUTBOX_MAX_PAYLOAD_BYTES"
 # together; leave room for the CloudEvents headers the relay adds.
 DEFAULT_MAX_PAYLOAD_BYTES = 1_000_000
 
-# Kafka's own rule for topic names (kafka.common.internals.Topic).
-_TOPIC_NAME = re.compile(r"^[a-zA-Z0-9._-]{1,249}$")
+# Kafka's own rule for topic names (kafka.common.internals.Topic); used with
+# fullmatch, since `$` would also match before a trailing newline.
+_TOPIC_NAME = re.compile(r"[a-zA-Z0-9._-]{1,249}")
 # Headers the relay writes itself; a user header with one of these names
 # would make the message ambiguous.
 RESERVED_HEADER_PREFIX = "ce_"
@@ -166,11 +170,20 @@ def event_row(
     event = build_event(
         topic=topic, key=key, type=type, data=data, headers=headers, event_id=event_id,
     )
+    limit = _limit(max_payload_bytes)
     payload = encode_data(data)
-    limit = max_payload_bytes if max_payload_bytes is not None else _default_limit()
-    size = len(payload) + len(key.encode()) + sum(
-        len(k.encode()) + len(v.encode()) for k, v in event.headers.items()
-    )
+    key_size = len(key.encode())
+    headers_size = sum(len(k.encode()) + len(v.encode()) for k, v in event.headers.items())
+    # Name the part that alone cannot fit; "data" would send the caller looking
+    # at the wrong field.
+    for field, part in (("key", key_size), ("headers", headers_size)):
+        if part > limit:
+            raise InvalidEventError(
+                field,
+                f"is {part} bytes encoded, over the limit of {limit} bytes for the whole event "
+                "(OUTBOX_MAX_PAYLOAD_BYTES)",
+            )
+    size = len(payload) + key_size + headers_size
     if size > limit:
         raise PayloadTooLargeError(size, limit)
     values: dict[str, Any] = {
@@ -197,7 +210,7 @@ def build_event(
 ) -> Event:
     """Validate the fields of an event and return it; raises `InvalidEventError`."""
     _require_text("topic", topic)
-    if not _TOPIC_NAME.match(topic) or topic in (".", ".."):
+    if not _TOPIC_NAME.fullmatch(topic) or topic in (".", ".."):
         raise InvalidEventError(
             "topic",
             f"{topic!r} is not a valid Kafka topic name: use 1-249 characters "
@@ -222,12 +235,20 @@ def encode_data(data: Any) -> bytes:
     if isinstance(data, bytes | bytearray):
         return bytes(data)
     try:
-        return _JSON.encode(data).encode()
+        text = _JSON.encode(data)
     except (TypeError, ValueError) as exc:
         raise InvalidEventError(
             "data",
             f"is not JSON-serialisable ({exc}); pass JSON types (dict, list, str, int, float, "
             "bool, None) or bytes, e.g. convert Decimal and datetime to str first",
+        ) from None
+    try:
+        return text.encode()
+    except UnicodeEncodeError as exc:
+        raise InvalidEventError(
+            "data",
+            f"holds a string that is not valid Unicode (a lone surrogate {exc.object[exc.start]!r} "
+            f"at position {exc.start} of the JSON); it cannot be encoded as UTF-8",
         ) from None
 
 
@@ -246,6 +267,23 @@ def _require_text(field: str, value: object) -> None:
         raise InvalidEventError(field, f"must be a str, got {type_name(value)}")
     if not value.strip():
         raise InvalidEventError(field, "must not be empty")
+    _require_storable(field, value)
+
+
+def _require_storable(field: str, value: str, what: str = "") -> None:
+    """Refuse what PostgreSQL would refuse mid-transaction: NUL, and non-UTF-8 strings."""
+    if "\x00" in value:
+        raise InvalidEventError(
+            field, f"{what}contains a NUL character (\\x00), which PostgreSQL cannot store in text"
+        )
+    try:
+        value.encode()
+    except UnicodeEncodeError as exc:
+        raise InvalidEventError(
+            field,
+            f"{what}is not valid Unicode (a lone surrogate {exc.object[exc.start]!r} at position "
+            f"{exc.start}); it cannot be encoded as UTF-8",
+        ) from None
 
 
 def _event_id(value: uuid.UUID | str | None) -> uuid.UUID:
@@ -270,6 +308,8 @@ def _headers(headers: Mapping[str, str] | None) -> dict[str, str]:
             raise InvalidEventError("headers", f"header name {name!r} must be a non-empty str")
         if not isinstance(value, str):
             raise InvalidEventError("headers", f"header {name!r} value must be a str")
+        _require_storable("headers", name, f"header name {name!r} ")
+        _require_storable("headers", value, f"header {name!r} value ")
         lowered = name.lower()
         if lowered.startswith(RESERVED_HEADER_PREFIX) or lowered in RESERVED_HEADERS:
             raise InvalidEventError(
@@ -280,8 +320,17 @@ def _headers(headers: Mapping[str, str] | None) -> dict[str, str]:
     return result
 
 
-def _default_limit() -> int:
-    return env_int(MAX_PAYLOAD_BYTES_ENV, DEFAULT_MAX_PAYLOAD_BYTES, minimum=1)
+def _limit(max_payload_bytes: object) -> int:
+    if max_payload_bytes is None:
+        return env_int(MAX_PAYLOAD_BYTES_ENV, DEFAULT_MAX_PAYLOAD_BYTES, minimum=1)
+    # bool is an int subclass: max_payload_bytes=True would mean a 1-byte limit.
+    if not isinstance(max_payload_bytes, int) or isinstance(max_payload_bytes, bool):
+        raise InvalidEventError(
+            "max_payload_bytes", f"must be an int number of bytes, got {type_name(max_payload_bytes)}"
+        )
+    if max_payload_bytes < 1:
+        raise InvalidEventError("max_payload_bytes", f"must be 1 or more, got {max_payload_bytes}")
+    return max_payload_bytes
 
 
 def type_name(value: object) -> str:

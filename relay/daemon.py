@@ -24,22 +24,31 @@ log = logging.getLogger("relay")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="outbox relay", description="Publish committed outbox events to Kafka."
+    from outbox.cli import Parser, apply_shared_defaults, shared_options
+
+    parser = Parser(
+        prog="outbox relay", description="Publish committed outbox events to Kafka.",
+        parents=[shared_options()],
     )
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return run(apply_shared_defaults(parser.parse_args(argv), log_level="INFO"))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--database-url", help="default: $OUTBOX_DATABASE_URL")
+    """The relay's own options. `--database-url` and `--log-level` are shared
+    by every command and come from `outbox.cli.shared_options()`, which the
+    caller attaches as a parent parser (so they work on either side of `relay`)."""
+    from outbox.cli import positive_float, positive_int
+
     parser.add_argument("--bootstrap-servers", help="default: $OUTBOX_KAFKA_BOOTSTRAP_SERVERS")
-    parser.add_argument("--batch-size", type=int, help="default: $OUTBOX_RELAY_BATCH_SIZE or 500")
     parser.add_argument(
-        "--poll-interval", type=float, help="seconds; default: $OUTBOX_RELAY_POLL_INTERVAL or 1.0"
+        "--batch-size", type=positive_int, help="default: $OUTBOX_RELAY_BATCH_SIZE or 500"
+    )
+    parser.add_argument(
+        "--poll-interval", type=positive_float,
+        help="seconds; default: $OUTBOX_RELAY_POLL_INTERVAL or 1.0",
     )
     parser.add_argument("--source", help="CloudEvents source; default: $OUTBOX_RELAY_SOURCE")
-    parser.add_argument("--log-level", default="INFO", help="default: INFO")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -36,7 +36,9 @@ def at_head(engine: Engine, database_url: str) -> Iterator[Engine]:
     migrate.upgrade(database_url)
 
 
-def test_downgrade_then_upgrade_then_check(at_head: Engine, database_url: str) -> None:
+def test_downgrade_then_upgrade_then_check(
+    clean_db: Engine, at_head: Engine, database_url: str
+) -> None:
     down = outbox_cli(database_url, "db", "downgrade")
     assert down.returncode == 0, down.stderr
     tables = set(inspect(at_head).get_table_names())
@@ -126,3 +128,215 @@ def test_stats_prints_the_backlog_formula(clean_db: object, database_url: str) -
     assert lines["backlog (Q = n - m)"] == "3"
     assert lines["parked"] == "0"
     assert lines["oldest unpublished"].endswith("s")
+
+
+# -- a downgrade never drops rows without --force ------------------------------
+
+
+def _fill_every_data_table(engine: Engine) -> None:
+    from sqlalchemy.orm import Session
+
+    import outbox
+
+    with Session(engine) as session:
+        for i in range(2):
+            outbox.publish(session, topic="payments", key=f"p-{i}", type="t", data={})
+        session.commit()
+    with engine.begin() as conn:
+        conn.execute(text(
+            "INSERT INTO outbox_inbox (consumer_group, event_id, topic, partition, \"offset\")"
+            " VALUES ('g', gen_random_uuid(), 'payments', 0, 1)"
+        ))
+        conn.execute(text(
+            "INSERT INTO outbox_dead_letter (consumer_group, topic, partition, \"offset\", headers,"
+            " error, attempts) VALUES ('g', 'payments', 0, 2, '{}', 'boom', 1)"
+        ))
+
+
+def _rows(engine: Engine) -> dict[str, int]:
+    with engine.connect() as conn:
+        return migrate.row_counts(
+            conn, ["outbox_event", "outbox_parked", "outbox_inbox", "outbox_dead_letter"]
+        )
+
+
+def test_downgrade_with_a_backlog_refuses_and_names_the_counts(
+    clean_db: Engine, at_head: Engine, database_url: str
+) -> None:
+    _fill_every_data_table(clean_db)
+    clean_db.dispose()
+    down = outbox_cli(database_url, "db", "downgrade")
+    assert down.returncode == 1
+    assert down.stderr.count("\n") == 1, down.stderr
+    for table_count in ("outbox_event 2", "outbox_inbox 1", "outbox_dead_letter 1", "--force"):
+        assert table_count in down.stderr
+    assert "outbox_parked" not in down.stderr  # empty tables are not named
+    assert _rows(clean_db) == {
+        "outbox_event": 2, "outbox_parked": 0, "outbox_inbox": 1, "outbox_dead_letter": 1
+    }
+    assert outbox_cli(database_url, "db", "current").stdout.strip() == f"{migrate.head()} (head)"
+
+
+def test_a_downgrade_step_that_drops_the_inbox_refuses_while_it_holds_rows(
+    clean_db: Engine, at_head: Engine, database_url: str
+) -> None:
+    _fill_every_data_table(clean_db)
+    clean_db.dispose()
+    down = outbox_cli(database_url, "db", "downgrade", "--revision", "0001_outbox")
+    assert down.returncode == 1
+    assert "outbox_inbox 1" in down.stderr and "outbox_event" not in down.stderr
+    assert _rows(clean_db)["outbox_inbox"] == 1
+
+
+def test_downgrade_force_drops_the_rows_it_names(
+    clean_db: Engine, at_head: Engine, database_url: str
+) -> None:
+    _fill_every_data_table(clean_db)
+    clean_db.dispose()
+    down = outbox_cli(database_url, "db", "downgrade", "--force")
+    assert down.returncode == 0, down.stderr
+    assert not {"outbox_event", "outbox_inbox"} & set(inspect(at_head).get_table_names())
+
+
+def test_a_downgrade_through_alembic_itself_refuses_to_drop_rows(
+    clean_db: Engine, at_head: Engine, database_url: str
+) -> None:
+    """The guard lives in the migrations, so a host's own Alembic (or a script) hits it too."""
+    from alembic import command
+
+    _fill_every_data_table(clean_db)
+    clean_db.dispose()
+    with pytest.raises(migrate.SchemaError, match="outbox_inbox 1"):
+        command.downgrade(migrate.alembic_config(database_url), "base")
+    assert _rows(clean_db)["outbox_event"] == 2
+    assert migrate.current(database_url) == migrate.head()
+
+
+def test_offline_downgrade_ddl_carries_the_same_guard(database_url: str) -> None:
+    sql = outbox_cli(database_url, "db", "downgrade", "--sql")
+    assert sql.returncode == 0, sql.stderr
+    guard = sql.stdout.index("refusing to drop outbox_inbox, outbox_dead_letter")
+    assert guard < sql.stdout.index("DROP TABLE outbox_inbox")
+
+
+# -- check verifies the commit trigger; stats shows what it would have hidden -----
+
+
+def _restore_trigger(engine: Engine) -> None:
+    module = migrate._scripts().get_revision("0001_outbox").module
+    with engine.begin() as conn:
+        conn.execute(text("DROP TRIGGER IF EXISTS outbox_event_assign_position ON outbox_event"))
+        conn.exec_driver_sql(
+            module.ASSIGN_POSITIONS.replace("CREATE FUNCTION", "CREATE OR REPLACE FUNCTION")
+        )
+        conn.execute(text(
+            "CREATE CONSTRAINT TRIGGER outbox_event_assign_position"
+            " AFTER INSERT ON outbox_event DEFERRABLE INITIALLY DEFERRED"
+            " FOR EACH ROW EXECUTE FUNCTION outbox_assign_positions()"
+        ))
+
+
+BROKEN_TRIGGERS = [
+    pytest.param("DROP TRIGGER outbox_event_assign_position ON outbox_event", "missing",
+                 id="missing"),
+    pytest.param("ALTER TABLE outbox_event DISABLE TRIGGER outbox_event_assign_position",
+                 "disabled", id="disabled"),
+    pytest.param(
+        "CREATE OR REPLACE FUNCTION outbox_assign_positions() RETURNS trigger"
+        " LANGUAGE plpgsql AS $$ BEGIN RETURN NULL; END $$", "differs", id="function-replaced",
+    ),
+    pytest.param(
+        "DROP TRIGGER outbox_event_assign_position ON outbox_event;"
+        " CREATE TRIGGER outbox_event_assign_position AFTER INSERT ON outbox_event"
+        " FOR EACH ROW EXECUTE FUNCTION outbox_assign_positions()", "DEFERRABLE",
+        id="not-deferred",
+    ),
+]
+
+
+@pytest.mark.parametrize(("breakage", "named"), BROKEN_TRIGGERS)
+def test_check_fails_when_the_commit_trigger_is_broken(
+    clean_db: Engine, database_url: str, breakage: str, named: str
+) -> None:
+    with clean_db.begin() as conn:
+        conn.exec_driver_sql(breakage)
+    try:
+        check = outbox_cli(database_url, "db", "check")
+        assert check.returncode == 1
+        assert named in check.stderr
+        assert "never published" in check.stderr
+        assert check.stderr.count("\n") == 1, check.stderr
+    finally:
+        _restore_trigger(clean_db)
+    assert outbox_cli(database_url, "db", "check").returncode == 0
+
+
+def test_stats_counts_events_committed_without_a_position(
+    clean_db: Engine, database_url: str
+) -> None:
+    from sqlalchemy.orm import Session
+
+    import outbox
+
+    with clean_db.begin() as conn:
+        conn.execute(text("DROP TRIGGER outbox_event_assign_position ON outbox_event"))
+    try:
+        with Session(clean_db) as session:
+            outbox.publish(session, topic="payments", key="k", type="t", data={})
+            session.commit()
+        result = outbox_cli(database_url, "stats")
+    finally:
+        _restore_trigger(clean_db)
+    assert result.returncode == 1
+    lines = dict(line.rsplit(None, 1) for line in result.stdout.strip().splitlines())
+    assert lines["committed (n)"] == "1"
+    assert lines["backlog (Q = n - m)"] == "1"
+    assert lines["not yet numbered"] == "1"
+    assert "`outbox db check`" in result.stderr
+
+
+def test_check_prints_only_its_own_line(database_url: str) -> None:
+    check = outbox_cli(database_url, "db", "check")
+    assert check.returncode == 0, check.stderr
+    assert check.stdout == "outbox: schema matches the kit's models\n"
+    assert "No new upgrade operations" not in check.stdout + check.stderr
+
+
+def test_offline_sql_needs_no_database_url() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "OUTBOX_DATABASE_URL"}
+    result = subprocess.run(
+        [sys.executable, "-m", "outbox", "db", "upgrade", "--sql"],
+        env={**env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "CREATE TABLE outbox_event" in result.stdout
+
+
+# -- concurrent upgrades ---------------------------------------------------------
+
+
+@pytest.fixture
+def fresh_database(database_url: str) -> Iterator[str]:
+    from tests.schemas import empty_schema
+
+    with empty_schema(database_url, "outbox_fresh") as url:
+        yield url
+
+
+def test_six_concurrent_upgrades_of_a_new_database_all_succeed(fresh_database: str) -> None:
+    env = {**os.environ, "OUTBOX_DATABASE_URL": fresh_database, "PYTHONPATH": str(REPO)}
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "outbox", "db", "upgrade"], env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for _ in range(6)
+    ]
+    results = [(p.wait(timeout=120), p.stderr.read() if p.stderr else "") for p in processes]
+    for p in processes:
+        for stream in (p.stdout, p.stderr):
+            if stream:
+                stream.close()
+    assert [code for code, _ in results] == [0] * 6, results
+    check = outbox_cli(fresh_database, "db", "check")
+    assert check.returncode == 0, check.stderr

@@ -96,6 +96,22 @@ def test_publish_on_a_connection_and_an_async_session(clean_db: Engine, database
         ({"headers": {"n": b"bytes"}}, "headers"),
         ({"event_id": "not-a-uuid"}, "event_id"),
         ({"data": "x" * 2_000_000}, "data"),
+        *[(fields, field) for fields, field, _ in [
+            ({"topic": "payments\n"}, "topic", "a trailing newline"),
+            ({"key": "p-\x001"}, "key", "NUL in the key"),
+            ({"key": "p-\ud800"}, "key", "a lone surrogate in the key"),
+            ({"type": "t\x00"}, "type", "NUL in the type"),
+            ({"type": "t\udc80"}, "type", "a lone surrogate in the type"),
+            ({"headers": {"h": "v\x00"}}, "headers", "NUL in a header value"),
+            ({"headers": {"h\x00": "v"}}, "headers", "NUL in a header name"),
+            ({"headers": {"h": "\ud800"}}, "headers", "a lone surrogate in a header value"),
+            ({"data": {"memo": "\udfff"}}, "data", "a lone surrogate inside data"),
+            ({"key": "k" * 2_000_000}, "key", "a key over the limit"),
+            ({"headers": {"h": "v" * 2_000_000}}, "headers", "headers over the limit"),
+            ({"max_payload_bytes": "10"}, "max_payload_bytes", "a str limit"),
+            ({"max_payload_bytes": True}, "max_payload_bytes", "a bool limit"),
+            ({"max_payload_bytes": 0}, "max_payload_bytes", "a zero limit"),
+        ]],
     ],
 )
 def test_bad_input_raises_and_commits_nothing(
@@ -109,6 +125,65 @@ def test_bad_input_raises_and_commits_nothing(
         assert raised.value.field == field
         session.commit()
     assert _count(clean_db) == 1  # only the good event; the refused one left no trace
+
+
+REFUSED_BY_THE_DATABASE = [
+    pytest.param({"topic": "payments\n"}, id="topic-with-trailing-newline"),
+    pytest.param({"key": "p-\x001"}, id="nul-in-key"),
+    pytest.param({"key": "\ud800"}, id="surrogate-in-key"),
+    pytest.param({"type": "t\x00"}, id="nul-in-type"),
+    pytest.param({"headers": {"h": "v\x00"}}, id="nul-in-header-value"),
+    pytest.param({"headers": {"h\x00": "v"}}, id="nul-in-header-name"),
+    pytest.param({"headers": {"h": "\udc80"}}, id="surrogate-in-header-value"),
+    pytest.param({"data": {"memo": "\ud800"}}, id="surrogate-in-data"),
+    pytest.param({"max_payload_bytes": "10"}, id="limit-as-str"),
+]
+
+
+@pytest.fixture
+def business_table(clean_db: Engine) -> Engine:
+    with clean_db.begin() as conn:
+        conn.execute(text("DROP TABLE IF EXISTS test_payment"))
+        conn.execute(text("CREATE TABLE test_payment (id text PRIMARY KEY)"))
+    return clean_db
+
+
+@pytest.mark.parametrize("fields", REFUSED_BY_THE_DATABASE)
+@pytest.mark.parametrize("through", ["session", "connection"])
+def test_a_refused_event_leaves_the_callers_transaction_usable(
+    business_table: Engine, fields: dict[str, object], through: str
+) -> None:
+    """Each refusal is InvalidEventError raised before the session is touched: the payment
+    row written before it and the event published after it still commit."""
+    good: dict[str, object] = {"topic": "payments", "key": "p-1", "type": "t", "data": {}}
+    if through == "session":
+        with Session(business_table) as session:
+            session.execute(text("INSERT INTO test_payment VALUES ('pay-1')"))
+            with pytest.raises(outbox.InvalidEventError):
+                outbox.publish(session, **{**good, **fields})  # type: ignore[arg-type]
+            outbox.publish(session, **good)  # type: ignore[arg-type]
+            session.commit()
+    else:
+        with business_table.begin() as conn:
+            conn.execute(text("INSERT INTO test_payment VALUES ('pay-1')"))
+            with pytest.raises(outbox.InvalidEventError):
+                outbox.publish(conn, **{**good, **fields})  # type: ignore[arg-type]
+            outbox.publish(conn, **good)  # type: ignore[arg-type]
+    with business_table.connect() as conn:
+        assert conn.execute(text("SELECT id FROM test_payment")).scalars().all() == ["pay-1"]
+    assert _count(business_table) == 1
+
+
+def test_nul_inside_json_data_is_stored_and_read_back(clean_db: Engine) -> None:
+    """The payload is bytea and JSON escapes NUL as \\u0000, so data may hold it."""
+    with Session(clean_db) as session:
+        event = outbox.publish(session, topic="payments", key="k", type="t", data={"m": "a\x00b"})
+        session.commit()
+    with clean_db.connect() as conn:
+        payload = conn.execute(
+            select(outbox_event.c.payload).where(outbox_event.c.id == event.id)
+        ).scalar_one()
+    assert payload == b'{"m":"a\\u0000b"}'
 
 
 def test_payload_limit_is_configurable(clean_db: Engine, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -41,6 +41,10 @@ depends_on: str | Sequence[str] | None = None
 KEY_LOCK_NAMESPACE = 0x6F757462
 SHARDS = 16
 COMMIT_LOCK_BUCKETS = 64  # at most this many advisory locks per committing transaction
+# Tables whose rows are events or state that cannot be rebuilt: `downgrade()`
+# refuses to drop them while they hold rows (outbox.migrate.refuse_data_loss).
+# The counter, leases and members are rebuilt by an upgrade.
+DROPS_DATA = ("outbox_event", "outbox_parked")
 
 ASSIGN_POSITIONS = f"""
 CREATE FUNCTION outbox_assign_positions() RETURNS trigger
@@ -170,6 +174,9 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    from outbox.migrate import refuse_data_loss
+
+    refuse_data_loss(op, DROPS_DATA, revision)
     op.drop_table("outbox_relay_member")
     op.drop_table("outbox_relay_lease")
     op.drop_table("outbox_counter")

@@ -22,6 +22,10 @@ down_revision: str | None = "0001_outbox"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
+# Dropped by `downgrade()`, which refuses while they hold rows (outbox.migrate.refuse_data_loss):
+# without the inbox, redelivered events would be applied a second time.
+DROPS_DATA = ("outbox_inbox", "outbox_dead_letter")
+
 
 def upgrade() -> None:
     op.create_table(
@@ -61,5 +65,8 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    from outbox.migrate import refuse_data_loss
+
+    refuse_data_loss(op, DROPS_DATA, revision)
     op.drop_table("outbox_dead_letter")
     op.drop_table("outbox_inbox")
