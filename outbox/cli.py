@@ -58,7 +58,11 @@ class Parser(argparse.ArgumentParser):
     def parse_args(  # type: ignore[override]  # same call, narrower result
         self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
     ) -> argparse.Namespace:
-        parsed, extras = self.parse_known_args(args, namespace)
+        words = sys.argv[1:] if args is None else list(args)
+        misplaced = _misplaced_option(self, words)
+        if misplaced is not None:
+            self.error(misplaced)
+        parsed, extras = self.parse_known_args(words, namespace)
         if extras:
             # argparse would print the leftover words as they are; one of them
             # is often a URL with its password, or the password itself.
@@ -461,6 +465,52 @@ def database_error_line(exc: BaseException, args: argparse.Namespace) -> str:
 def _fail(message: str, code: int) -> int:
     print(f"outbox: {mask_secrets(message)}", file=sys.stderr)
     return code
+
+
+def _misplaced_option(parser: argparse.ArgumentParser, words: Sequence[str]) -> str | None:
+    """Why an option given before its command's name would fail, or None.
+
+    argparse would take the option's value for the command name and answer
+    "invalid choice: '3'" for `outbox --batch-size 3 relay`; the shared
+    options work at every level, the others belong after their command.
+    """
+    level, index = parser, 0
+    while index < len(words):
+        word = words[index]
+        commands = _subcommands(level)
+        if not commands:
+            return None  # the command itself: argparse checks the rest
+        if word in commands:
+            level = commands[word]
+        elif word.startswith("-") and len(word) > 1:
+            name, eq, _ = word.partition("=")
+            actions = [a for o, a in level._option_string_actions.items() if o.startswith(name)]
+            if not actions:
+                owners = _commands_with(level, name)
+                where = (f"put it after the command it belongs to: `{owners[0]} {name} ...`"
+                         if owners else "see `outbox --help`")
+                return f"{name} is not an option of `{level.prog}`; {where}"
+            if actions[0].nargs != 0 and not eq:
+                index += 1  # its value
+        index += 1
+    return None
+
+
+def _commands_with(parser: argparse.ArgumentParser, option: str) -> list[str]:
+    """The progs of the commands below `parser` that take `option`."""
+    found: list[str] = []
+    for sub in _subcommands(parser).values():
+        if option in sub._option_string_actions:
+            found.append(sub.prog)
+        found.extend(_commands_with(sub, option))
+    return found
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
 
 
 def _option_names(words: Sequence[str]) -> list[str]:

@@ -48,7 +48,8 @@ def database_url(url: str | None = None, env: Mapping[str, str] | None = None) -
     if not value:
         raise ConfigError(
             DATABASE_URL_ENV,
-            "not set; pass a SQLAlchemy URL such as postgresql+psycopg://user:password@host:5432/db",
+            "not set; pass a SQLAlchemy URL such as postgresql+psycopg://USER@HOST:5432/DB "
+            "(the password in the URL, in PGPASSWORD or in ~/.pgpass)",
         )
     try:
         parsed = make_url(value)

@@ -140,6 +140,23 @@ def test_the_real_command_line_takes_the_database_url_on_either_side(
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(("argv", "hint"), [
+    (["--batch-size", "3", "relay"], "`outbox relay --batch-size ...`"),
+    (["db", "--revision", "x", "upgrade"], "`outbox db upgrade --revision ...`"),
+    (["--limit=5", "parked", "list"], "`outbox parked list --limit ...`"),
+    (["--bogus", "stats"], "see `outbox --help`"),
+])
+def test_an_option_before_its_command_names_where_it_belongs(
+    capsys: pytest.CaptureFixture[str], argv: list[str], hint: str
+) -> None:
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("outbox: error:") and hint in last, err
+    assert "invalid choice" not in err
+
+
 def test_db_upgrade_with_the_database_url_after_it_as_the_readme_writes(database_url: str) -> None:
     result = outbox_cli("db", "upgrade", "--database-url", database_url)
     assert result.returncode == 0, result.stderr
