@@ -13,11 +13,13 @@ are the only way a URL or a Kafka config reaches a log line or an error.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 import os
+import typing
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy.engine import make_url
 
@@ -26,6 +28,8 @@ from outbox.errors import ConfigError
 DATABASE_URL_ENV = "OUTBOX_DATABASE_URL"
 BOOTSTRAP_SERVERS_ENV = "OUTBOX_KAFKA_BOOTSTRAP_SERVERS"
 KAFKA_PREFIX = "OUTBOX_KAFKA_"
+
+_Settings = TypeVar("_Settings")
 
 # A setting whose name holds one of these is a secret ("ssl_keyfile" paths are
 # harmless but masked too; "pasw" and "pwd" catch the usual misspellings).
@@ -268,3 +272,55 @@ def env_float(
     if value < minimum:
         raise ConfigError(name, f"{value} is below the minimum of {minimum}")
     return value
+
+
+def settings_from_env(
+    cls: type[_Settings], prefix: str, env: Mapping[str, str] | None = None, **given: Any
+) -> _Settings:
+    """A settings dataclass from `<prefix><FIELD>` variables; keyword arguments that are not None win.
+
+    The one reader of `OUTBOX_*` settings: each variable's text is parsed by
+    its field's type (`bool` by `BOOL_WORDS`, `int`, `float` (finite), `str`
+    as it is); a field whose metadata has `"env": NAME` reads that variable
+    instead, `"env": None` never reads one. Range checks stay in the
+    dataclass's `__post_init__`; an error there about a field that came from
+    a variable is re-raised naming the variable, e.g.
+    `OUTBOX_CONSUMER_MAX_ATTEMPTS: must be between 1 and 100, got 0`.
+    """
+    env = os.environ if env is None else env
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    variables: dict[str, str] = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]  # cls is a dataclass
+        if given.get(f.name) is not None:
+            values[f.name] = given[f.name]
+            continue
+        name = f.metadata.get("env", prefix + f.name.upper())
+        raw = env.get(name) if name is not None else None
+        if raw is None or raw == "":
+            continue
+        values[f.name] = parse_setting(name, raw, hints[f.name])
+        variables[f.name] = name
+    try:
+        return cls(**values)
+    except ConfigError as exc:
+        if exc.field not in variables:
+            raise
+        message = str(exc).removeprefix(f"{exc.field}: ")
+        raise ConfigError(variables[exc.field], message) from None
+
+
+def parse_setting(name: str, raw: str, kind: object) -> Any:
+    """The text of variable `name` as a value of type `kind` (bool, int, float or str)."""
+    if kind is bool:
+        return parse_bool(name, raw)
+    if kind is int:
+        return _to_int(name, raw)
+    if kind is float:
+        value = _to_float(name, raw)
+        if not math.isfinite(value):
+            raise ConfigError(name, f"{raw!r} is not a finite number")
+        return value
+    if kind is str:
+        return raw
+    raise TypeError(f"{name}: no reader for settings of type {kind!r}")

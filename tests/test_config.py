@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from outbox.config import (
@@ -11,6 +13,7 @@ from outbox.config import (
     kafka_client_config,
     safe_kafka_config,
     safe_url,
+    settings_from_env,
 )
 from outbox.errors import ConfigError, describe_error
 
@@ -102,3 +105,40 @@ def test_describe_error_keeps_one_line_and_masks_query_passwords() -> None:
     exc = RuntimeError("connect to postgresql://u:pw1@h/d?password=pw2 failed\nDETAIL: row (card 4111)")
     text = describe_error(exc)
     assert "pw1" not in text and "pw2" not in text and "4111" not in text
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _Example:
+    attempts: int = 5
+    wait: float = 0.5
+    listen: bool = True
+    name: str = "x"
+    url: str = dataclasses.field(default="", metadata={"env": "OUTBOX_EXAMPLE_URL_OTHER"})
+    secret: str = dataclasses.field(default="", metadata={"env": None})
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.attempts <= 10:
+            raise ConfigError("attempts", f"must be between 1 and 10, got {self.attempts}")
+
+
+def test_one_reader_parses_each_setting_by_its_fields_type() -> None:
+    settings = settings_from_env(_Example, "OUTBOX_EXAMPLE_", {
+        "OUTBOX_EXAMPLE_ATTEMPTS": "7", "OUTBOX_EXAMPLE_WAIT": "1.5", "OUTBOX_EXAMPLE_LISTEN": "off",
+        "OUTBOX_EXAMPLE_NAME": "007", "OUTBOX_EXAMPLE_URL_OTHER": "u", "OUTBOX_EXAMPLE_SECRET": "no",
+    }, wait=None, name="given")
+    assert settings == _Example(attempts=7, wait=1.5, listen=False, name="given", url="u", secret="")
+
+
+@pytest.mark.parametrize(("raw", "message"), [
+    ("0", "OUTBOX_EXAMPLE_ATTEMPTS: must be between 1 and 10, got 0"),
+    ("many", "OUTBOX_EXAMPLE_ATTEMPTS: 'many' is not an integer"),
+])
+def test_the_readers_errors_name_the_variable(raw: str, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        settings_from_env(_Example, "OUTBOX_EXAMPLE_", {"OUTBOX_EXAMPLE_ATTEMPTS": raw})
+    assert str(err.value) == message
+
+
+def test_a_keyword_argument_out_of_range_names_the_field() -> None:
+    with pytest.raises(ConfigError, match=r"^attempts: "):
+        settings_from_env(_Example, "OUTBOX_EXAMPLE_", {}, attempts=0)
