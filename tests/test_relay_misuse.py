@@ -8,15 +8,47 @@ from __future__ import annotations
 
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 from psycopg import sql
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, func, select, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session
 
-from outbox.schema import SHARDS
-from relay import store
+import outbox
+from outbox.errors import ConfigError
+from outbox.schema import SHARDS, outbox_event
+from relay import RelayConfig, store
+from tests.kafka_helpers import (
+    SASL_PASSWORD,
+    SASL_USERNAME,
+    Exited,
+    read_topic,
+    relay_thread,
+    run_relay_until_exit,
+    sasl_bootstrap_servers,
+    start_relay_process,
+    stop_process,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
+
+
+def _write(engine: Engine, topic: str, n: int, *, keys: int = 3) -> list[uuid.UUID]:
+    with Session(engine) as session:
+        ids = [
+            outbox.publish(session, topic=topic, key=f"key-{i % keys}", type="t", data={"n": i}).id
+            for i in range(n)
+        ]
+        session.commit()
+    return ids
+
+
+def _backlog(engine: Engine) -> int:
+    with engine.connect() as conn:
+        return conn.execute(select(func.count()).select_from(outbox_event)).scalar_one()
 
 
 def test_prepared_statements_made_on_an_empty_outbox_delete_a_batch_of_a_large_one_by_index(
@@ -73,3 +105,183 @@ def test_prepared_statements_made_on_an_empty_outbox_delete_a_batch_of_a_large_o
     finally:
         store.leave(conn, me, list(range(SHARDS)))
         conn.close()
+        with clean_db.begin() as db:
+            db.execute(text("TRUNCATE outbox_event"))
+
+
+# -- settings that waiting cannot fix: one line, exit 2, no secret -------------
+
+def _refusal(exited: Exited) -> str:
+    """The one line the relay ends with (asserting there is exactly one)."""
+    lines = [line for line in exited.output.splitlines() if line.startswith("outbox relay: ")]
+    assert exited.returncode == 2, exited.output[-3000:]
+    assert len(lines) == 1, exited.output[-3000:]
+    return lines[0]
+
+
+@pytest.mark.parametrize("publisher", ["kafka-python", "confluent"])
+def test_a_wrong_sasl_password_exits_at_start_with_one_line_naming_the_setting(
+    database_url: str, bootstrap_servers: str, publisher: str
+) -> None:
+    wrong = f"wrong-{uuid.uuid4().hex[:8]}"
+    exited = run_relay_until_exit(
+        database_url, sasl_bootstrap_servers(bootstrap_servers), extra_env={
+            "OUTBOX_RELAY_PUBLISHER": publisher,
+            "OUTBOX_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+            "OUTBOX_KAFKA_SASL_MECHANISM": "PLAIN",
+            "OUTBOX_KAFKA_SASL_PLAIN_USERNAME": SASL_USERNAME,
+            "OUTBOX_KAFKA_SASL_PLAIN_PASSWORD": wrong,
+        },
+    )
+    line = _refusal(exited)
+    assert "OUTBOX_KAFKA_SASL_PLAIN_PASSWORD" in line and "refused the SASL login" in line
+    assert wrong not in exited.output
+    assert exited.seconds < 20, exited.output[-3000:]
+
+
+def test_the_right_sasl_password_publishes_through_the_sasl_listener(
+    clean_db: Engine, database_url: str, bootstrap_servers: str, topic: str
+) -> None:
+    ids = _write(clean_db, topic, 5)
+    sasl = {"security_protocol": "SASL_PLAINTEXT", "sasl_mechanism": "PLAIN",
+            "sasl_plain_username": SASL_USERNAME, "sasl_plain_password": SASL_PASSWORD}
+    config = RelayConfig(database_url=database_url, poll_interval=0.2,
+                         bootstrap_servers=sasl_bootstrap_servers(bootstrap_servers), kafka=sasl)
+    with relay_thread(config):
+        wait_until(lambda: _backlog(clean_db) == 0, timeout=30, what="backlog to drain")
+    assert {r.event_id for r in read_topic(bootstrap_servers, topic, expect=5)} == set(ids)
+
+
+def test_a_wrong_database_password_exits_at_start_with_one_line_and_no_password(
+    database_url: str, bootstrap_servers: str
+) -> None:
+    wrong = f"wrong-{uuid.uuid4().hex[:8]}"
+    url = make_url(database_url).set(password=wrong).render_as_string(hide_password=False)
+    exited = run_relay_until_exit(url, bootstrap_servers, timeout=20)
+    line = _refusal(exited)
+    assert "OUTBOX_DATABASE_URL" in line and "refused the password" in line
+    assert wrong not in exited.output
+
+
+def test_a_password_in_the_url_query_never_appears_in_the_relay_output(
+    database_url: str, bootstrap_servers: str
+) -> None:
+    secret = f"query-{uuid.uuid4().hex[:8]}"
+    url = make_url(database_url).set(password=None).update_query_dict({"password": secret})
+    exited = run_relay_until_exit(url.render_as_string(hide_password=False), bootstrap_servers)
+    assert "relay starting: database=" in exited.output  # the start line was printed
+    _refusal(exited)
+    assert secret not in exited.output
+
+
+def test_a_database_without_the_kit_tables_exits_and_says_run_outbox_db_upgrade(
+    engine: Engine, database_url: str, bootstrap_servers: str
+) -> None:
+    """Before: the relay found no leases there and logged a failure every second, forever."""
+    schema = f"empty_{uuid.uuid4().hex[:8]}"
+    with engine.begin() as conn:
+        conn.execute(text(f"CREATE SCHEMA {schema}"))
+    try:
+        url = make_url(database_url).update_query_dict({"options": f"-c search_path={schema}"})
+        exited = run_relay_until_exit(url.render_as_string(hide_password=False), bootstrap_servers)
+        line = _refusal(exited)
+        assert "run `outbox db upgrade`" in line and "outbox_event" in line
+        assert exited.seconds < 15
+    finally:
+        with engine.begin() as conn:
+            conn.execute(text(f"DROP SCHEMA {schema}"))
+
+
+@pytest.mark.parametrize("publisher", ["kafka-python", "confluent"])
+def test_a_kafka_value_the_client_refuses_exits_at_start_naming_the_variable(
+    database_url: str, bootstrap_servers: str, publisher: str
+) -> None:
+    """Before: confluent's `_INVALID_ARG` was called a broker outage and retried forever."""
+    exited = run_relay_until_exit(database_url, bootstrap_servers, extra_env={
+        "OUTBOX_RELAY_PUBLISHER": publisher, "OUTBOX_KAFKA_COMPRESSION_TYPE": "bogus",
+    })
+    line = _refusal(exited)
+    assert "OUTBOX_KAFKA_COMPRESSION_TYPE" in line and "bogus" in line
+
+
+def test_confluent_refuses_linger_ms_out_of_its_range_naming_the_variable(
+    database_url: str, bootstrap_servers: str
+) -> None:
+    """librdkafka names the setting queue.buffering.max.ms; the line names what the user set."""
+    exited = run_relay_until_exit(database_url, bootstrap_servers, extra_env={
+        "OUTBOX_RELAY_PUBLISHER": "confluent", "OUTBOX_KAFKA_LINGER_MS": "-5",
+    })
+    assert "OUTBOX_KAFKA_LINGER_MS" in _refusal(exited)
+
+
+@pytest.mark.parametrize("publisher", ["kafka-python", "confluent"])
+def test_linger_ms_zero_is_a_number_for_both_publishers_and_events_go_out(
+    clean_db: Engine, database_url: str, bootstrap_servers: str, topic: str, publisher: str
+) -> None:
+    ids = _write(clean_db, topic, 5)
+    config = RelayConfig.from_env({
+        "OUTBOX_DATABASE_URL": database_url, "OUTBOX_KAFKA_BOOTSTRAP_SERVERS": bootstrap_servers,
+        "OUTBOX_KAFKA_LINGER_MS": "0", "OUTBOX_RELAY_PUBLISHER": publisher,
+        "OUTBOX_RELAY_POLL_INTERVAL": "0.2",
+    })
+    assert config.kafka["linger_ms"] == 0 and config.kafka["linger_ms"] is not False
+    with relay_thread(config):
+        wait_until(lambda: _backlog(clean_db) == 0, timeout=30, what="backlog to drain")
+    assert {r.event_id for r in read_topic(bootstrap_servers, topic, expect=5)} == set(ids)
+
+
+# -- one relay id, one process -------------------------------------------------
+
+def test_a_second_relay_with_the_same_id_is_refused_at_start(
+    clean_db: Engine, database_url: str, bootstrap_servers: str, tmp_path: Path
+) -> None:
+    """Before: two relays with one OUTBOX_RELAY_ID shared its leases and
+    published 16,985 duplicates of 24,980 events without a word."""
+    relay_id = f"dup-{uuid.uuid4().hex[:8]}"
+    log = tmp_path / "first.log"
+    first = start_relay_process(database_url, bootstrap_servers, log_path=log,
+                                extra_env={"OUTBOX_RELAY_ID": relay_id})
+    try:
+        wait_until(lambda: "shard leases:" in log.read_text(), timeout=30, what="first relay's leases")
+        second = run_relay_until_exit(database_url, bootstrap_servers, timeout=20,
+                                      extra_env={"OUTBOX_RELAY_ID": relay_id})
+        line = _refusal(second)
+        assert "OUTBOX_RELAY_ID" in line and relay_id in line and "another live relay" in line
+        assert first.poll() is None  # the first one goes on
+    finally:
+        assert stop_process(first) == 0
+    # The id is free again once its process is gone.
+    wait_until(lambda: "relay stopped" in log.read_text(), timeout=5)
+    again = start_relay_process(database_url, bootstrap_servers, log_path=log,
+                                extra_env={"OUTBOX_RELAY_ID": relay_id})
+    try:
+        wait_until(lambda: log.read_text().count("shard leases:") >= 2, timeout=30,
+                   what="a new relay with the freed id")
+    finally:
+        assert stop_process(again) == 0
+
+
+# -- settings read and shown ----------------------------------------------------
+
+def test_relay_listen_takes_the_boolean_words_and_refuses_others() -> None:
+    base = {"OUTBOX_DATABASE_URL": "postgresql+psycopg://u:p@db/x",
+            "OUTBOX_KAFKA_BOOTSTRAP_SERVERS": "k:9092"}
+    for word in ("off", "no", "0", "false", "OFF"):
+        assert RelayConfig.from_env({**base, "OUTBOX_RELAY_LISTEN": word}).listen is False
+    assert RelayConfig.from_env({**base, "OUTBOX_RELAY_LISTEN": "on"}).listen is True
+    with pytest.raises(ConfigError, match="OUTBOX_RELAY_LISTEN"):
+        RelayConfig.from_env({**base, "OUTBOX_RELAY_LISTEN": "sometimes"})
+
+
+def test_relay_config_repr_and_describe_never_show_a_secret() -> None:
+    config = RelayConfig.from_env({
+        "OUTBOX_DATABASE_URL": "postgresql+psycopg://app@db/payments?password=q-s3cret-1",
+        "OUTBOX_KAFKA_BOOTSTRAP_SERVERS": "k:9092",
+        "OUTBOX_KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+        "OUTBOX_KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
+        "OUTBOX_KAFKA_SASL_PLAIN_USERNAME": "relay",
+        "OUTBOX_KAFKA_SASL_PLAIN_PASSWORD": "k-s3cret-2",
+    })
+    for shown in (repr(config), config.describe(), str(config)):
+        assert "q-s3cret-1" not in shown and "k-s3cret-2" not in shown
+        assert "SCRAM-SHA-512" in shown  # the rest is still there to read
