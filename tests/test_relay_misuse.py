@@ -18,12 +18,15 @@ from sqlalchemy.orm import Session
 
 import outbox
 from outbox.errors import ConfigError
+from outbox.parked import list_parked
 from outbox.schema import SHARDS, outbox_event
+from outbox.writer import DEFAULT_MAX_PAYLOAD_BYTES
 from relay import RelayConfig, store
 from tests.kafka_helpers import (
     SASL_PASSWORD,
     SASL_USERNAME,
     Exited,
+    first_occurrences,
     read_topic,
     relay_thread,
     run_relay_until_exit,
@@ -285,3 +288,87 @@ def test_relay_config_repr_and_describe_never_show_a_secret() -> None:
     for shown in (repr(config), config.describe(), str(config)):
         assert "q-s3cret-1" not in shown and "k-s3cret-2" not in shown
         assert "SCRAM-SHA-512" in shown  # the rest is still there to read
+
+
+# -- a topic that does not exist -------------------------------------------------
+
+@pytest.mark.parametrize("publisher", ["kafka-python", "confluent"])
+def test_events_for_a_missing_topic_are_parked_and_the_others_go_out_in_order(
+    clean_db: Engine, database_url: str, bootstrap_servers: str, topic: str, publisher: str
+) -> None:
+    """Before: each key of the missing topic blocked a round for max_block_ms, a
+    round of only such events counted as an outage, and nothing was published."""
+    missing = f"missing-{uuid.uuid4().hex[:8]}"  # the broker does not create topics
+    good: list[uuid.UUID] = []
+    lost: list[uuid.UUID] = []
+    with Session(clean_db) as session:
+        for i in range(40):
+            if i % 4 == 0:
+                lost.append(outbox.publish(session, topic=missing, key=f"m-{i % 3}", type="t",
+                                           data={"n": i}).id)
+            good.append(outbox.publish(session, topic=topic, key=f"g-{i % 5}", type="t",
+                                       data={"n": i}).id)
+        session.commit()
+    started = time.monotonic()
+    config = RelayConfig(database_url=database_url, bootstrap_servers=bootstrap_servers,
+                         poll_interval=0.2, backoff_initial=0.05, max_attempts=3,
+                         publisher=publisher, batch_size=16)
+    with relay_thread(config) as relay:
+        wait_until(lambda: _backlog(clean_db) == 0, timeout=60, what="backlog to drain")
+        assert relay.parked == len(lost)
+    assert time.monotonic() - started < 30
+    with clean_db.connect() as conn:
+        parked = list_parked(conn)
+    assert sorted(p.id for p in parked) == sorted(lost)
+    assert all(missing in p.error and "does not exist" in p.error for p in parked)
+    assert all(p.attempts == 3 for p in parked)
+    received = read_topic(bootstrap_servers, topic, expect=len(good))
+    by_key = first_occurrences(received)
+    expected: dict[str, list[uuid.UUID]] = {}
+    for i, event_id in enumerate(good):
+        expected.setdefault(f"g-{i % 5}", []).append(event_id)
+    assert by_key == expected
+
+
+def test_sigterm_ends_the_relay_within_seconds_while_a_topic_is_missing(
+    clean_db: Engine, database_url: str, bootstrap_servers: str, tmp_path: Path
+) -> None:
+    """Before: SIGTERM took 102 s, each key waiting out max_block_ms first."""
+    missing = f"missing-{uuid.uuid4().hex[:8]}"
+    _write(clean_db, missing, 30, keys=30)
+    log = tmp_path / "relay.log"
+    proc = start_relay_process(database_url, bootstrap_servers, log_path=log,
+                               extra_env={"OUTBOX_RELAY_MAX_ATTEMPTS": "1000"})
+    try:
+        wait_until(lambda: "does not exist" in log.read_text(), timeout=30,
+                   what="a failed publish to the missing topic")
+    finally:
+        started = time.monotonic()
+        assert stop_process(proc, timeout=30) == 0
+    assert time.monotonic() - started < 5, log.read_text()[-3000:]
+    assert _backlog(clean_db) == 30  # nothing lost, nothing parked before max_attempts
+
+
+# -- size limits -------------------------------------------------------------------
+
+@pytest.mark.parametrize("publisher", ["kafka-python", "confluent"])
+def test_an_event_at_the_publish_size_limit_goes_out_through_either_publisher(
+    clean_db: Engine, database_url: str, bootstrap_servers: str, topic: str, publisher: str
+) -> None:
+    """Whatever `publish` accepts (key + data + headers = 1,000,000 bytes by
+    default) the relay sends with its defaults, the CloudEvents headers on top."""
+    key = "k"
+    headers = {"traceparent": "00-" + "a" * 32 + "-" + "b" * 16 + "-01"}
+    room = DEFAULT_MAX_PAYLOAD_BYTES - len(key) - sum(len(k) + len(v) for k, v in headers.items())
+    with Session(clean_db) as session:
+        event = outbox.publish(session, topic=topic, key=key, type="document.stored",
+                               data=b"x" * room, headers=headers)
+        session.commit()
+    config = RelayConfig(database_url=database_url, bootstrap_servers=bootstrap_servers,
+                         poll_interval=0.2, max_attempts=1, publisher=publisher)
+    with relay_thread(config) as relay:
+        wait_until(lambda: _backlog(clean_db) == 0, timeout=30, what="the event to go")
+        assert relay.parked == 0
+    received = read_topic(bootstrap_servers, topic, expect=1)
+    assert [r.event_id for r in received] == [event.id]
+    assert len(received[0].value) == room
