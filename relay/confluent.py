@@ -131,6 +131,9 @@ def confluent_config(bootstrap_servers: str, overrides: Mapping[str, Any]) -> di
 # handshake shows within a second; a broker that is merely not up yet is
 # waited for by the relay's retries.
 CHECK_TIMEOUT = 3.0
+# One metadata answer takes milliseconds; waiting longer only delays a SIGTERM
+# during an outage (the round is retried anyway).
+PROBE_TIMEOUT = 5.0
 _PROPERTY = re.compile(r'property "([^"]+)"')
 
 
@@ -221,7 +224,7 @@ class ConfluentPublisher:
         missing: set[str] = set()
         for topic in sorted(topics - self._topics_seen):
             try:
-                metadata = producer.list_topics(topic, timeout=self._flush_timeout)
+                metadata = producer.list_topics(topic, timeout=PROBE_TIMEOUT)
             except KafkaException:
                 self._raise_refusal()
                 raise

@@ -95,6 +95,7 @@ def producer_config(bootstrap_servers: str, overrides: Mapping[str, Any]) -> dic
 # handshake shows within a second, and a broker that is merely slow to come up
 # is waited for by the relay's retries anyway.
 CHECK_BOOTSTRAP_MS = 3_000
+PROBE_TIMEOUT_MS = 5_000
 _UNKNOWN_TOPIC = kafka_errors.UnknownTopicOrPartitionError.errno
 _ADMIN_SETTINGS = frozenset(KafkaAdminClient.DEFAULT_CONFIG) - {"client_id"}
 
@@ -191,9 +192,21 @@ class KafkaPublisher:
             return set()
         if self._admin is None:
             settings = {k: v for k, v in self._config.items() if k in _ADMIN_SETTINGS}
-            self._admin = KafkaAdminClient(**{**settings, "client_id": "outbox-relay-metadata"})
+            # One metadata answer takes milliseconds; waiting longer only delays
+            # a SIGTERM during an outage (the round is retried anyway).
+            short = min(self._config["request_timeout_ms"], PROBE_TIMEOUT_MS)
+            self._admin = KafkaAdminClient(**{
+                **settings, "client_id": "outbox-relay-metadata",
+                "request_timeout_ms": short, "bootstrap_timeout_ms": short,
+            })
+        try:
+            answers = self._admin.describe_topics(sorted(unknown))
+        except Exception:
+            admin, self._admin = self._admin, None
+            admin.close()
+            raise
         missing: set[str] = set()
-        for described in self._admin.describe_topics(sorted(unknown)):
+        for described in answers:
             name, code = described.get("name") or described.get("topic"), described.get("error_code")
             if code == 0:
                 self._topics_seen.add(name)

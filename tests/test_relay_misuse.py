@@ -6,6 +6,7 @@ event, against the real PostgreSQL and the real Kafka broker.
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from pathlib import Path
@@ -22,6 +23,7 @@ from outbox.parked import list_parked
 from outbox.schema import SHARDS, outbox_event
 from outbox.writer import DEFAULT_MAX_PAYLOAD_BYTES
 from relay import RelayConfig, store
+from relay.leases import ShardLeases
 from tests.kafka_helpers import (
     SASL_PASSWORD,
     SASL_USERNAME,
@@ -372,3 +374,36 @@ def test_an_event_at_the_publish_size_limit_goes_out_through_either_publisher(
     received = read_topic(bootstrap_servers, topic, expect=1)
     assert [r.event_id for r in received] == [event.id]
     assert len(received[0].value) == room
+
+
+# -- after a good start: waited out, said once ------------------------------------
+
+def test_lease_renewal_failing_for_one_cause_is_logged_once_and_its_end_too(
+    database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A password rotated under a running relay: one line, not one per renewal."""
+    wrong = make_url(database_url).set(password="rotated-away").render_as_string(hide_password=False)
+    leases = ShardLeases(wrong, f"once-{uuid.uuid4().hex[:8]}", ttl=3)
+    with caplog.at_level(logging.INFO, logger="relay.leases"):
+        for _ in range(4):
+            leases.beat()
+        leases._database_url = database_url  # the operator fixed the secret
+        leases.beat()
+    leases.stop()
+    messages = [r.getMessage() for r in caplog.records]
+    failed = [m for m in messages if "lease renewal failed" in m]
+    assert len(failed) == 1 and "password authentication failed" in failed[0], messages
+    assert "rotated-away" not in "\n".join(messages)
+    assert any("lease renewal works again" in m for m in messages), messages
+
+
+def test_an_unreachable_broker_is_waited_out_and_logged_once(
+    clean_db: Engine, database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = RelayConfig(database_url=database_url, bootstrap_servers="127.0.0.1:1",
+                         poll_interval=0.2, backoff_initial=0.05, backoff_max=0.2)
+    with caplog.at_level(logging.DEBUG, logger="relay.relay"), relay_thread(config):
+        wait_until(lambda: sum("relay round failed" in r.getMessage() for r in caplog.records) >= 3,
+                   timeout=30, what="three failed attempts")
+    failed = [r for r in caplog.records if "relay round failed" in r.getMessage()]
+    assert [r.levelno for r in failed].count(logging.WARNING) == 1, [r.getMessage() for r in failed]
