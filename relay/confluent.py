@@ -25,6 +25,7 @@ spelling (`security_protocol`); they are translated to librdkafka names
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -38,7 +39,10 @@ from relay.publisher import (
     Message,
     every_outcome,
     flush_timeout,
+    refused_login,
+    refused_tls,
     require_safe_delivery,
+    scrub,
     send_in_key_order,
 )
 
@@ -55,6 +59,11 @@ DEFAULTS: dict[str, Any] = {
     "retry.backoff.ms": 100,
     "reconnect.backoff.max.ms": 5_000,
     "client.id": "outbox-relay",
+    # librdkafka's own default (1,000,000) is what `publish` accepts for key +
+    # data + headers, before the relay adds the CloudEvents headers: an event at
+    # the limit would be refused. This is the broker's own default limit for a
+    # record batch, and kafka-python's max_request_size is about the same.
+    "message.max.bytes": 1_048_588,
 }
 
 FIXED: dict[str, Any] = {
@@ -118,17 +127,40 @@ def confluent_config(bootstrap_servers: str, overrides: Mapping[str, Any]) -> di
     return {**config, **FIXED}
 
 
+# The start check waits this long for cluster metadata: a refused login or
+# handshake shows within a second; a broker that is merely not up yet is
+# waited for by the relay's retries.
+CHECK_TIMEOUT = 3.0
+# One metadata answer takes milliseconds; waiting longer only delays a SIGTERM
+# during an outage (the round is retried anyway).
+PROBE_TIMEOUT = 5.0
+_PROPERTY = re.compile(r'property "([^"]+)"')
+
+
 class ConfluentPublisher:
     """`relay.publisher.Publisher` over confluent-kafka's `Producer`."""
 
     def __init__(self, bootstrap_servers: str, overrides: Mapping[str, Any] | None = None) -> None:
         self._config = confluent_config(bootstrap_servers, overrides or {})
         self._producer: Producer | None = None
+        self._overrides = dict(overrides or {})
+        self._topics_seen: set[str] = set()
+        self._client_errors: list[KafkaError] = []
         self._flush_timeout = flush_timeout(self._config["delivery.timeout.ms"])
         log.info("confluent publisher settings: %s", safe_kafka_config(self._config))
 
+    def check(self) -> None:
+        """See `relay.publisher.Checked`: the producer made once, metadata fetched once."""
+        producer = self._connect()
+        try:
+            producer.list_topics(timeout=CHECK_TIMEOUT)
+        except KafkaException:
+            self._raise_refusal()
+            raise
+
     def publish(self, messages: Sequence[Message]) -> list[Delivery]:
         producer = self._connect()
+        missing = self._missing_topics(producer, {m.topic for m in messages})
         # Filled by delivery reports, which can already arrive while later
         # messages are produced (_produce serves them when the queue is full).
         reports: list[Delivery | None] = [None] * len(messages)
@@ -139,7 +171,7 @@ class ConfluentPublisher:
 
             self._produce(producer, message, on_delivery)
 
-        refused = send_in_key_order(messages, send_one, _refused)
+        refused = send_in_key_order(messages, send_one, _refused, missing)
         left = producer.flush(self._flush_timeout)
         deliveries = every_outcome(
             [r if r is not None else reports[i] for i, r in enumerate(refused)],
@@ -176,8 +208,89 @@ class ConfluentPublisher:
 
     def _connect(self) -> Producer:
         if self._producer is None:
-            self._producer = Producer(self._config)
+            self._client_errors.clear()
+            try:
+                self._producer = Producer({
+                    **self._config, "error_cb": self._client_errors.append, "logger": _librdkafka_log,
+                })
+            except KafkaException as exc:
+                raise self._refused_setting(exc) from None
         return self._producer
+
+    def _missing_topics(self, producer: Producer, topics: set[str]) -> set[str]:
+        """Which of `topics` the broker answers do not exist, asked once each per
+        round until seen (produce() would queue their messages for
+        delivery.timeout.ms and then report a failure that looks like an outage)."""
+        missing: set[str] = set()
+        for topic in sorted(topics - self._topics_seen):
+            try:
+                metadata = producer.list_topics(topic, timeout=PROBE_TIMEOUT)
+            except KafkaException:
+                self._raise_refusal()
+                raise
+            found = metadata.topics.get(topic)
+            error = found.error if found is not None else None
+            if found is not None and error is None:
+                self._topics_seen.add(topic)
+            elif error is not None and error.code() in _UNKNOWN_TOPIC:
+                missing.add(topic)
+        return missing
+
+    def _raise_refusal(self) -> None:
+        """A failed metadata request after a refused login or handshake is not an outage."""
+        if self._producer is not None:
+            self._producer.poll(0)  # serves error_cb
+        for err in self._client_errors:
+            detail = scrub(f"KafkaError {err.name()}: {err.str()}", self._config)
+            if err.code() == KafkaError._AUTHENTICATION:
+                raise refused_login(detail) from None
+            if err.code() == KafkaError._SSL:
+                raise refused_tls(detail) from None
+
+    def _refused_setting(self, exc: KafkaException) -> ConfigError:
+        """librdkafka refused a value (`_INVALID_ARG`): name the OUTBOX_KAFKA_* variable it came from."""
+        text = scrub(str(exc.args[0].str() if exc.args and isinstance(exc.args[0], KafkaError) else exc),
+                     self._config)
+        match = _PROPERTY.search(text)
+        prop = match.group(1) if match else ""
+        names = {prop, *(alias for alias, real in _ALIASES.items() if real == prop), _ALIASES.get(prop, prop)}
+        source = next((n for n in self._overrides if set(translate({n: 0})) & names), None)
+        variable = f"OUTBOX_KAFKA_{(source or prop.replace('.', '_') or '*').upper()}"
+        return ConfigError(variable, f"librdkafka refused the producer settings: {text}")
+
+
+# librdkafka reports a refused value under its own name for the setting.
+_ALIASES = {
+    "linger.ms": "queue.buffering.max.ms",
+    "retries": "message.send.max.retries",
+    "delivery.timeout.ms": "message.timeout.ms",
+    "acks": "request.required.acks",
+    "compression.type": "compression.codec",
+}
+
+
+class _OncePerCause(logging.Filter):
+    """librdkafka logs a refused login once per reconnect (every few hundred
+    ms); let each distinct line through once a minute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._seen: dict[str, float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        cause = re.sub(r"\d+", "#", record.getMessage())
+        last = self._seen.get(cause)
+        if last is not None and record.created - last < 60:
+            return False
+        self._seen[cause] = record.created
+        return True
+
+
+_UNKNOWN_TOPIC = frozenset({KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC})
+# librdkafka's own log lines (e.g. one per failed reconnect) go through logging,
+# not straight to stderr, so the daemon decides what is shown.
+_librdkafka_log = logging.getLogger("relay.librdkafka")
+_librdkafka_log.addFilter(_OncePerCause())
 
 
 def _refused(exc: Exception) -> Delivery | None:

@@ -78,5 +78,11 @@ def run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    relay.run()
+    try:
+        relay.run()
+    except OutboxError as exc:
+        # What waiting cannot fix (a refused password, no tables, a duplicate
+        # relay id): one line and exit 2, so the orchestrator shows it.
+        print(f"outbox relay: {exc}", file=sys.stderr)
+        return 2
     return 0

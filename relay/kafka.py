@@ -15,13 +15,16 @@ number state from a failed batch can reorder or stall later ones.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from kafka import KafkaProducer
 from kafka import errors as kafka_errors
+from kafka.admin import KafkaAdminClient
 
-from outbox.config import safe_kafka_config
+from outbox.config import is_secret, safe_kafka_config
 from outbox.errors import ConfigError
 from relay.publisher import (
     ACKNOWLEDGED,
@@ -29,7 +32,10 @@ from relay.publisher import (
     Message,
     every_outcome,
     flush_timeout,
+    refused_login,
+    refused_tls,
     require_safe_delivery,
+    scrub,
     send_in_key_order,
 )
 
@@ -46,6 +52,9 @@ DEFAULTS: dict[str, Any] = {
     "delivery_timeout_ms": 30_000,  # a batch fails (and is retried by the relay) after 30 s
     "request_timeout_ms": 10_000,
     "max_block_ms": 10_000,  # how long send() may wait for metadata of a topic
+    # How long making a producer may wait for the first broker; bounds a round
+    # (and so a SIGTERM) during an outage, instead of kafka-python's 30 s.
+    "bootstrap_timeout_ms": 10_000,
     "retry_backoff_ms": 100,
     "reconnect_backoff_max_ms": 5_000,
     "client_id": "outbox-relay",
@@ -82,17 +91,34 @@ def producer_config(bootstrap_servers: str, overrides: Mapping[str, Any]) -> dic
     return config
 
 
+# The start check waits this long for the first broker: a refused login or
+# handshake shows within a second, and a broker that is merely slow to come up
+# is waited for by the relay's retries anyway.
+CHECK_BOOTSTRAP_MS = 3_000
+PROBE_TIMEOUT_MS = 5_000
+_UNKNOWN_TOPIC = kafka_errors.UnknownTopicOrPartitionError.errno
+_ADMIN_SETTINGS = frozenset(KafkaAdminClient.DEFAULT_CONFIG) - {"client_id"}
+
+
 class KafkaPublisher:
     """`relay.publisher.Publisher` over kafka-python's `KafkaProducer`."""
 
     def __init__(self, bootstrap_servers: str, overrides: Mapping[str, Any] | None = None) -> None:
         self._config = producer_config(bootstrap_servers, overrides or {})
+        self._overrides = dict(overrides or {})
         self._producer: KafkaProducer | None = None
+        self._admin: KafkaAdminClient | None = None
+        self._topics_seen: set[str] = set()
         self._flush_timeout = flush_timeout(self._config["delivery_timeout_ms"])
         log.info("kafka publisher settings: %s", safe_kafka_config(self._config))
 
+    def check(self) -> None:
+        """See `relay.publisher.Checked`: one producer made with a short bootstrap."""
+        self._connect(bootstrap_ms=min(CHECK_BOOTSTRAP_MS, self._config["bootstrap_timeout_ms"]))
+
     def publish(self, messages: Sequence[Message]) -> list[Delivery]:
         producer = self._connect()
+        missing = self._missing_topics({m.topic for m in messages})
         futures: list[Any] = [None] * len(messages)
         send = producer.send
 
@@ -103,7 +129,7 @@ class KafkaPublisher:
 
         # send() raises before the message enters the producer for a message
         # too large, a bad topic, or no metadata for the topic within max_block_ms.
-        results = send_in_key_order(messages, send_one, _failed)
+        results = send_in_key_order(messages, send_one, _failed, missing)
         try:
             producer.flush(timeout=self._flush_timeout)
         except kafka_errors.KafkaTimeoutError:
@@ -123,16 +149,122 @@ class KafkaPublisher:
 
     def close(self) -> None:
         producer, self._producer = self._producer, None
-        if producer is not None:
-            try:
+        admin, self._admin = self._admin, None
+        try:
+            if producer is not None:
                 producer.close(timeout=5)
-            except Exception:  # closing a broken producer must not hide the real error
-                log.debug("error while closing the Kafka producer", exc_info=True)
+            if admin is not None:
+                admin.close()
+        except Exception:  # closing a broken client must not hide the real error
+            log.debug("error while closing a Kafka client", exc_info=True)
 
-    def _connect(self) -> KafkaProducer:
-        if self._producer is None:
-            self._producer = KafkaProducer(**self._config)
+    def _connect(self, *, bootstrap_ms: int | None = None) -> KafkaProducer:
+        if self._producer is not None:
+            return self._producer
+        config = dict(self._config)
+        if bootstrap_ms is not None:
+            config["bootstrap_timeout_ms"] = bootstrap_ms
+        with _connection_failures() as failures:
+            try:
+                self._producer = KafkaProducer(**config)
+            except kafka_errors.KafkaTimeoutError:
+                # kafka-python says only "Unable to bootstrap"; what the broker
+                # refused was logged on the way, and is the line worth showing.
+                _raise_refusal(failures, self._config)
+                raise
+            except (kafka_errors.KafkaConfigurationError, ValueError, TypeError, AssertionError) as exc:
+                text = scrub(str(exc), self._config)
+                raise ConfigError(
+                    _which_setting(text, self._overrides),
+                    f"kafka-python refused the producer settings: {text}",
+                ) from None
         return self._producer
+
+    def _missing_topics(self, topics: set[str]) -> set[str]:
+        """Which of `topics` the broker answers do not exist, in one metadata request.
+
+        kafka-python's send() would instead wait max_block_ms for each key of
+        such a topic. A topic once seen is not asked about again: if it is
+        deleted later, its sends fail on their own.
+        """
+        unknown = topics - self._topics_seen
+        if not unknown:
+            return set()
+        if self._admin is None:
+            settings = {k: v for k, v in self._config.items() if k in _ADMIN_SETTINGS}
+            # One metadata answer takes milliseconds; waiting longer only delays
+            # a SIGTERM during an outage (the round is retried anyway).
+            short = min(self._config["request_timeout_ms"], PROBE_TIMEOUT_MS)
+            self._admin = KafkaAdminClient(**{
+                **settings, "client_id": "outbox-relay-metadata",
+                "request_timeout_ms": short, "bootstrap_timeout_ms": short,
+            })
+        try:
+            answers = self._admin.describe_topics(sorted(unknown))
+        except Exception:
+            admin, self._admin = self._admin, None
+            admin.close()
+            raise
+        missing: set[str] = set()
+        for described in answers:
+            name, code = described.get("name") or described.get("topic"), described.get("error_code")
+            if code == 0:
+                self._topics_seen.add(name)
+            elif code == _UNKNOWN_TOPIC:
+                missing.add(name)
+        return missing
+
+
+_capture_lock = threading.Lock()
+
+
+@contextmanager
+def _connection_failures() -> Iterator[list[BaseException]]:
+    """The errors kafka-python logs (and then forgets) while it connects: a
+    refused SASL login or TLS handshake is only ever a log line there."""
+    logger = logging.getLogger("kafka.net.manager")
+    failures: list[BaseException] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            failures.extend(a for a in record.args or () if isinstance(a, BaseException))
+
+    # A failed bootstrap connection is logged at WARNING, a later one at ERROR.
+    handler = Collect(logging.WARNING)
+    with _capture_lock:
+        quiet = not logger.isEnabledFor(logging.WARNING)
+        level, propagate = logger.level, logger.propagate
+        if quiet:  # the daemon silences kafka-python; keep it silent, but listen
+            logger.setLevel(logging.WARNING)
+            logger.propagate = False
+        logger.addHandler(handler)
+    try:
+        yield failures
+    finally:
+        with _capture_lock:
+            logger.removeHandler(handler)
+            if quiet:
+                logger.setLevel(level)
+                logger.propagate = propagate
+
+
+def _which_setting(text: str, overrides: Mapping[str, Any]) -> str:
+    """The OUTBOX_KAFKA_* variable a client's complaint is about: the one whose
+    name or (non-secret) value it quotes."""
+    for name, value in overrides.items():
+        if name in text or (not is_secret(name) and isinstance(value, str) and len(value) > 2
+                            and value in text):
+            return f"OUTBOX_KAFKA_{name.upper()}"
+    return "OUTBOX_KAFKA_*"
+
+
+def _raise_refusal(failures: Sequence[BaseException], config: Mapping[str, Any]) -> None:
+    for exc in failures:
+        detail = scrub(str(exc).rpartition(": ")[2] or type(exc).__name__, config)
+        if isinstance(exc, (kafka_errors.SaslAuthenticationFailedError, kafka_errors.AuthorizationError)):
+            raise refused_login(detail) from None
+        if "Handshake failed" in str(exc) or "SSL" in type(exc).__name__:
+            raise refused_tls(detail) from None
 
 
 def _failed(exc: BaseException | None) -> Delivery:

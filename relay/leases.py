@@ -12,6 +12,11 @@ own (so a slow broker never delays a renewal), gives back shards above this
 relay's fair share (`ceil(SHARDS / live relays)`) and claims free or expired
 ones up to it. Each claim bumps the shard's `epoch`.
 
+The lease connection also holds an advisory lock on the relay id for the
+relay's life: a second process started with the same `OUTBOX_RELAY_ID` is
+refused at start (and one that finds the lock taken on a reconnect stops),
+instead of sharing the leases and publishing every event twice.
+
 Fencing, twice:
 - locally, `current()` returns a lease only while it is surely still valid:
   until the moment the renewal was *sent* plus the TTL, minus a margin. A
@@ -39,6 +44,7 @@ from typing import Any
 
 import psycopg
 
+from outbox.errors import ConfigError, describe_error
 from outbox.schema import SHARDS
 from relay import store
 
@@ -70,7 +76,11 @@ class ShardLeases:
         self._conn: psycopg.Connection[Any] | None = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
+        self._failing: str | None = None
+        self._never_joined = True
         self.live_relays = 0
+        # Set when another live process uses our relay id; the relay stops on it.
+        self.fatal: ConfigError | None = None
 
     def start(self) -> None:
         """Renew in the background until `stop()`."""
@@ -96,8 +106,23 @@ class ShardLeases:
         except psycopg.Error as exc:
             self._drop_connection()
             self._last_beat = sent_at
-            log.warning("lease renewal failed (%s); leases lapse unless renewed", type(exc).__name__)
+            failure = describe_error(exc)
+            # Once per cause, not once per renewal (every ttl/3 seconds).
+            if failure != self._failing:
+                log.warning("lease renewal failed (%s); leases lapse unless renewed", failure)
+            self._failing = failure
             return
+        except ConfigError as exc:
+            self._drop_connection()
+            with self._lock:
+                self._owned, self._valid_until = {}, 0.0
+            self.fatal = exc
+            self._stopping.set()
+            return
+        self._never_joined = False
+        if self._failing is not None:
+            log.info("lease renewal works again")
+            self._failing = None
         with self._lock:
             gained = sorted(set(owned) - set(self._owned))
             lost = sorted(set(self._owned) - set(owned))
@@ -121,9 +146,14 @@ class ShardLeases:
             shards = list(self._owned)
             self._owned = {}
             self._valid_until = 0.0
+        if self.fatal is not None or self._never_joined:
+            # Nothing to give back: never joined, or the leases under our id
+            # are the other process's now.
+            self._drop_connection()
+            return
         try:
             store.leave(self._connect(), self.relay_id, shards)
-        except psycopg.Error:
+        except (psycopg.Error, ConfigError):
             log.info("could not give leases back; they expire in %.1fs", self.ttl)
         self._drop_connection()
 
@@ -134,7 +164,16 @@ class ShardLeases:
 
     def _connect(self) -> psycopg.Connection[Any]:
         if self._conn is None or self._conn.closed:
-            self._conn = store.connect(self._database_url, application_name="outbox-relay-leases")
+            conn = store.connect(self._database_url, application_name="outbox-relay-leases")
+            if not store.lock_relay_id(conn, self.relay_id):
+                conn.close()
+                raise ConfigError(
+                    "OUTBOX_RELAY_ID",
+                    f"{self.relay_id!r} is in use by another live relay process; two relays with "
+                    "one id would share its leases and publish the same events twice: give each "
+                    "process its own OUTBOX_RELAY_ID, or leave it unset for a unique one",
+                )
+            self._conn = conn
         return self._conn
 
     def _drop_connection(self) -> None:

@@ -12,6 +12,13 @@ after its `Delivery` says `acknowledged`. Promises an implementation keeps:
 - `publish` blocks until every message is acknowledged or failed; it never
   returns a message in neither state. Not thread-safe: one relay loop owns it.
 - `close` flushes nothing new and may be called twice.
+- A message for a topic the broker says does not exist is that message's own
+  failure (`missing_topic`), found with one metadata request per round, not
+  by waiting for the client's metadata timeout once per key.
+
+An implementation may also offer `check()` (see `Checked`): the relay calls
+it once at start, so that a setting the client or the broker refuses is one
+clear `ConfigError` line and exit 2, not an outage retried forever.
 
 Kafka is one implementation (`relay/kafka.py`); another transport is another
 file with the same two methods.
@@ -19,11 +26,12 @@ file with the same two methods.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
-from outbox.errors import ConfigError
+from outbox.config import is_secret
+from outbox.errors import ConfigError, mask_secrets
 
 
 class Message(NamedTuple):
@@ -55,6 +63,43 @@ ACKNOWLEDGED = Delivery(acknowledged=True)
 HELD_BACK = Delivery(False, "held back behind a failed event of its key", attempted=False)
 
 
+def missing_topic(topic: str) -> Delivery:
+    """The outcome for a message whose topic the broker answered does not exist:
+    the event's own failure (counted, parked at max_attempts), never an outage."""
+    return Delivery(
+        False,
+        f"UnknownTopic: topic {topic!r} does not exist on the broker (and it does not create "
+        "topics on first use); create it, then replay the parked events: outbox parked replay",
+        retriable=False,
+    )
+
+
+SASL_SETTINGS = ("OUTBOX_KAFKA_SECURITY_PROTOCOL, OUTBOX_KAFKA_SASL_MECHANISM, "
+                 "OUTBOX_KAFKA_SASL_PLAIN_USERNAME, OUTBOX_KAFKA_SASL_PLAIN_PASSWORD")
+SSL_SETTINGS = "OUTBOX_KAFKA_SECURITY_PROTOCOL, OUTBOX_KAFKA_SSL_CAFILE, OUTBOX_KAFKA_SSL_*"
+
+
+def refused_login(detail: str) -> ConfigError:
+    return ConfigError(
+        "OUTBOX_KAFKA_SASL_PLAIN_PASSWORD",
+        f"the broker refused the SASL login ({detail}); check {SASL_SETTINGS}",
+    )
+
+
+def refused_tls(detail: str) -> ConfigError:
+    return ConfigError(
+        "OUTBOX_KAFKA_SSL_CAFILE", f"the TLS handshake with the broker failed ({detail}); check {SSL_SETTINGS}"
+    )
+
+
+def scrub(text: str, config: Mapping[str, Any]) -> str:
+    """A client's error text with the values of secret settings masked as well."""
+    for name, value in config.items():
+        if is_secret(name) and isinstance(value, str) and value:
+            text = text.replace(value, "***")
+    return mask_secrets(text)
+
+
 def require_safe_delivery(*, acks: object, idempotence: object, in_flight: object, retries: object) -> None:
     """Refuse producer settings that would break the promises above.
 
@@ -83,6 +128,7 @@ def send_in_key_order(
     messages: Sequence[Message],
     send: Callable[[int, Message], object],
     refused: Callable[[Exception], Delivery | None],
+    missing: Collection[str] = (),
 ) -> list[Delivery | None]:
     """Hand each message (with its index) to a client's `send`, in order.
 
@@ -92,12 +138,17 @@ def send_in_key_order(
     held back, so none overtakes it; other keys go on. `refused` turns the
     client's exception into the message's `Delivery`, or returns None when
     the exception means the client itself is broken: that one propagates.
+    A message for a topic in `missing` is not sent: it fails as `missing_topic`.
     """
     results: list[Delivery | None] = [None] * len(messages)
     blocked: set[tuple[str, bytes]] = set()
     for index, message in enumerate(messages):
         if blocked and (message.topic, message.key) in blocked:
             results[index] = HELD_BACK
+            continue
+        if missing and message.topic in missing:
+            results[index] = missing_topic(message.topic)
+            blocked.add((message.topic, message.key))
             continue
         try:
             send(index, message)
@@ -134,4 +185,17 @@ class Publisher(Protocol):
 
     def close(self) -> None:
         """Release connections. Safe to call more than once."""
+        ...
+
+
+@runtime_checkable
+class Checked(Protocol):
+    def check(self) -> None:
+        """Make the client and reach the broker once, before the first round.
+
+        Raises `ConfigError` (naming the OUTBOX_KAFKA_* variable) for what is
+        wrong whatever the broker's health: a value the client refuses, SASL
+        credentials or a TLS handshake the broker refuses. Any other exception
+        means the broker is not reachable yet, which the relay waits out.
+        """
         ...

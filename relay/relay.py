@@ -11,6 +11,15 @@ One round (`run_once`):
 4. for refused events: count the attempt; park the event once it has failed
    `max_attempts` times for reasons of its own (see `_settle_failures`).
 
+Before the first round (`run`), the relay checks what waiting cannot fix,
+and raises `ConfigError` / `SchemaError` for it: the database refuses the
+URL (password, database name, TLS), the kit's tables are missing, another
+live relay uses the same relay id, the Kafka client or broker refuses the
+settings (a bad value, SASL credentials, TLS). The same refusals after a
+good start (a password rotated under a running relay) are waited out with
+backoff and logged once per cause. An unreachable database or broker is an
+outage, at start too: waited out.
+
 A crash anywhere in 1-3 leaves the unacknowledged-or-undeleted events in the
 table, and the next round publishes them again with the same event ids: at
 least once, never lost. Consumers deduplicate by id.
@@ -32,13 +41,13 @@ import psycopg
 from tenacity import Retrying, retry_if_exception_type, wait_exponential, wait_random
 
 from outbox.envelope import HeaderEncoder
-from outbox.errors import ConfigError, first_line
+from outbox.errors import ConfigError, OutboxError, describe_error, first_line
 from outbox.failpoints import failpoint
 from relay import store
 from relay.config import RelayConfig
 from relay.kafka import KafkaPublisher
 from relay.leases import ShardLeases
-from relay.publisher import Delivery, Message, Publisher
+from relay.publisher import Checked, Delivery, Message, Publisher
 
 log = logging.getLogger(__name__)
 
@@ -82,11 +91,17 @@ class Relay:
         self._sleep: Callable[[float], object] = sleep or self._stopping.wait
         self.published = 0
         self.parked = 0
+        self._failing: str | None = None  # the cause last logged, while rounds fail
 
     # -- the loop -----------------------------------------------------------
 
     def run(self) -> None:
-        """Publish until `stop()`. Outages are waited out with bounded backoff."""
+        """Publish until `stop()`. Outages are waited out with bounded backoff.
+
+        Raises `ConfigError` or `SchemaError` for what waiting cannot fix (see
+        the module docstring), at start, or later for a duplicate relay id or
+        a database that lost the kit's tables.
+        """
         log.info("relay starting: %s", self.config.describe())
         retrying = Retrying(
             retry=retry_if_exception_type(RETRIABLE),
@@ -100,10 +115,14 @@ class Relay:
             before_sleep=self._log_retry,
             reraise=True,
         )
-        self.leases.start()
         try:
+            retrying(self._start)
+            self._recovered()
+            retrying = retrying.copy()
+            self.leases.start()
             while not self._stopping.is_set():
                 published = retrying(self._round_or_wait)
+                self._recovered()
                 if published:
                     retrying = retrying.copy()  # a good round resets the backoff
         except RETRIABLE as exc:
@@ -124,6 +143,10 @@ class Relay:
             return 0
         try:
             deliveries = self._publisher.publish(self._messages(rows))
+        except ConfigError as exc:
+            # Checked at start, so the broker now refuses what it took then (a
+            # rotated SASL password, a replaced certificate): wait for the fix.
+            raise BrokerUnavailable(str(exc)) from exc
         except Exception as exc:
             # The publisher could not even try (no broker reachable, client
             # failure): nothing was acknowledged, so nothing is forgotten.
@@ -158,7 +181,36 @@ class Relay:
 
     # -- steps --------------------------------------------------------------
 
+    def _start(self) -> None:
+        """The checks before the first round; outages are retried around it."""
+        try:
+            self._connect()
+        except (psycopg.OperationalError, psycopg.ProgrammingError) as exc:
+            self._drop_connection()
+            problem = store.misconfiguration(exc, self.config.database_url)
+            if problem is not None:
+                raise ConfigError("OUTBOX_DATABASE_URL", problem) from None
+            raise
+        if isinstance(self._publisher, Checked):
+            try:
+                self._publisher.check()
+            except OutboxError:
+                raise
+            except Exception as exc:
+                raise BrokerUnavailable(describe_error(exc)) from exc
+        # Last, so that a relay still waiting for its broker holds no leases.
+        self.leases.beat()  # takes the relay id's lock, or finds another process has it
+        if self.leases.fatal is not None:
+            raise self.leases.fatal
+
+    def _recovered(self) -> None:
+        if self._failing is not None:
+            log.info("relay works again after: %s", self._failing)
+            self._failing = None
+
     def _round_or_wait(self) -> int:
+        if self.leases.fatal is not None:
+            raise self.leases.fatal
         try:
             published = self.run_once()
         except (psycopg.OperationalError, psycopg.InterfaceError):
@@ -172,8 +224,13 @@ class Relay:
         if self._conn is not None and not self._conn.closed:
             return self._conn
         conn = store.connect(self.config.database_url)
-        if self.config.listen:
-            store.listen(conn)
+        try:
+            store.require_schema(conn, self.config.database_url)
+            if self.config.listen:
+                store.listen(conn)
+        except BaseException:
+            store.close_quietly(conn)
+            raise
         self._conn = conn
         return conn
 
@@ -252,7 +309,9 @@ class Relay:
     def _log_retry(self, state: Any) -> None:
         exc = state.outcome.exception() if state.outcome else None
         wait = state.next_action.sleep if state.next_action else 0.0
-        log.warning(
-            "relay round failed (%s: %s); retrying in %.1fs",
-            type(exc).__name__, first_line(exc), wait,
-        )
+        cause = f"{type(exc).__name__}: {first_line(exc)}"
+        # Once per cause: an outage or a rotated password is one line, and one
+        # more when it is over, not a line per retry.
+        level = logging.DEBUG if cause == self._failing else logging.WARNING
+        log.log(level, "relay round failed (%s); retrying with backoff (next in %.1fs)", cause, wait)
+        self._failing = cause

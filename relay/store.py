@@ -15,6 +15,8 @@ import psycopg
 from psycopg.rows import args_row
 from sqlalchemy.engine import make_url
 
+from outbox.config import safe_url
+from outbox.errors import SchemaError, first_line
 from outbox.schema import NOTIFY_CHANNEL, PUBLISHED_COUNTER
 
 log = logging.getLogger(__name__)
@@ -60,7 +62,8 @@ class Row(NamedTuple):
 def connect(
     database_url: str, *, application_name: str = "outbox-relay"
 ) -> psycopg.Connection[Any]:
-    """An autocommit psycopg connection from a SQLAlchemy-style URL."""
+    """An autocommit psycopg connection from a SQLAlchemy-style URL, whose
+    prepared statements are planned for each execution's own parameters."""
     url = make_url(database_url)
     params: dict[str, Any] = {
         "host": url.host,
@@ -77,9 +80,57 @@ def connect(
         "keepalives_count": 3,
     }
     params.update({k: v for k, v in url.query.items() if isinstance(v, str)})
-    return psycopg.connect(
-        autocommit=True, **{k: v for k, v in params.items() if v is not None}
-    )
+    conn = psycopg.connect(autocommit=True, **{k: v for k, v in params.items() if v is not None})
+    # psycopg prepares a statement on its 5th run, and after five more PostgreSQL
+    # may keep one generic plan for good: made while the outbox was empty, it is a
+    # sequential scan, and every 500-id delete of a later backlog then reads the
+    # whole table. A plan made for each run's own values costs a fraction of a
+    # millisecond and follows the table's size; the parse is still saved. Set
+    # after the URL's own `options`, so they cannot turn it back.
+    conn.execute("SET plan_cache_mode = force_custom_plan")
+    return conn
+
+
+# Connection failures that no amount of waiting fixes: the server answered,
+# and refused what the URL asks for. Matched on libpq's own message text,
+# since a refused connection carries no SQLSTATE in psycopg.
+_MISCONFIGURED = (
+    ("password authentication failed", "the server refused the password for user {user}"),
+    ("no password supplied", "the server wants a password for user {user} and the URL has none"),
+    ("does not exist", "{fatal}"),  # database or role
+    ("no pg_hba.conf entry", "the server's pg_hba.conf admits no such connection ({fatal})"),
+    ("SSL", "TLS: {fatal}; check sslmode (and sslrootcert) in the URL's query"),
+    ("certificate", "TLS: {fatal}; check sslmode (and sslrootcert) in the URL's query"),
+    ("invalid connection option", "{fatal}"),
+    ("invalid sslmode", "{fatal}"),
+)
+
+
+def misconfiguration(exc: psycopg.Error, database_url: str) -> str | None:
+    """What a failed connection says is wrong with the URL (password, database
+    name, TLS mode), or None when the server is merely unreachable."""
+    text = first_line(exc)
+    fatal = text.split("FATAL:", 1)[-1].split("failed:", 1)[-1].strip()
+    for needle, message in _MISCONFIGURED:
+        if needle in text:
+            user = make_url(database_url).username
+            return f"{message.format(user=repr(user), fatal=fatal)} (database {safe_url(database_url)})"
+    return None
+
+
+_TABLES = ("outbox_event", "outbox_parked", "outbox_counter", "outbox_relay_lease", "outbox_relay_member")
+_MISSING_TABLES = "SELECT t FROM unnest(%s::text[]) AS t WHERE to_regclass(t) IS NULL"
+
+
+def require_schema(conn: psycopg.Connection[Any], database_url: str) -> None:
+    """Refuse a database without the kit's tables: the relay would find no
+    leases and no events there, and say nothing, forever."""
+    missing = [row[0] for row in conn.execute(_MISSING_TABLES, (list(_TABLES),)).fetchall()]
+    if missing:
+        raise SchemaError(
+            f"database {safe_url(database_url)} lacks the kit's tables ({', '.join(missing)}): "
+            "run `outbox db upgrade` against it (or point OUTBOX_DATABASE_URL at the right database)"
+        )
 
 
 def close_quietly(conn: psycopg.Connection[Any] | None) -> None:
@@ -147,6 +198,11 @@ RETURNING shard, epoch
 
 _LEAVE = "DELETE FROM outbox_relay_member WHERE relay_id = %(me)s"
 
+# Held by the lease connection for the relay's life: a second live process
+# with the same relay id cannot take it. Session-level, so it goes with the
+# connection (a crashed relay's lock is gone when its session is).
+_LOCK_RELAY_ID = "SELECT pg_try_advisory_lock(hashtextextended('outbox-relay-id:' || %s, 0))"
+
 # The fence: rows are deleted only for shards this relay still owns, with the
 # epoch it was granted, before expiry. FOR SHARE makes a concurrent claim of
 # those shards wait until this delete has committed. The ids come as one
@@ -209,6 +265,12 @@ def heartbeat(
             claimed = conn.execute(_CLAIM, {**params, "wanted": fair - len(owned)}).fetchall()
             owned.update(dict(claimed))
     return owned, live
+
+
+def lock_relay_id(conn: psycopg.Connection[Any], me: str) -> bool:
+    """Take this relay id's lock for the session; False when another session holds it."""
+    row = conn.execute(_LOCK_RELAY_ID, (me,)).fetchone()
+    return bool(row and row[0])
 
 
 def leave(conn: psycopg.Connection[Any], me: str, shards: Sequence[int]) -> None:

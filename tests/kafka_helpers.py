@@ -133,3 +133,53 @@ def wait_until(predicate: object, *, timeout: float, interval: float = 0.1, what
             return
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+
+
+@dataclass(frozen=True)
+class Exited:
+    returncode: int
+    output: str  # stdout and stderr together
+    seconds: float
+
+
+def run_relay_until_exit(
+    database_url: str, bootstrap_servers: str, *, extra_env: dict[str, str] | None = None,
+    timeout: float = 30,
+) -> Exited:
+    """`python -m relay` that is expected to exit on its own (a refused setting)."""
+    env = {
+        **os.environ,
+        "OUTBOX_DATABASE_URL": database_url,
+        "OUTBOX_KAFKA_BOOTSTRAP_SERVERS": bootstrap_servers,
+        "OUTBOX_RELAY_POLL_INTERVAL": "0.2",
+        "OUTBOX_RELAY_BACKOFF_MAX": "2",
+        "PYTHONPATH": str(REPO),
+        **(extra_env or {}),
+    }
+    started = time.monotonic()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "relay", "--log-level", "INFO"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO,
+    )
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+        raise AssertionError(
+            f"relay still running after {timeout}s:\n{out.decode(errors='replace')[-3000:]}"
+        ) from None
+    return Exited(proc.returncode, out.decode(errors="replace"), time.monotonic() - started)
+
+
+# The devstack broker's SASL_PLAINTEXT listener (devstack/devstack: client port + 2).
+SASL_USERNAME = "outbox"
+SASL_PASSWORD = "outbox-sasl-secret"
+
+
+def sasl_bootstrap_servers(bootstrap_servers: str) -> str:
+    explicit = os.environ.get("OUTBOX_TEST_KAFKA_SASL_SERVERS")
+    if explicit:
+        return explicit
+    host, _, port = bootstrap_servers.split(",")[0].rpartition(":")
+    return f"{host}:{int(port) + 2}"
