@@ -85,7 +85,10 @@ def safe_url(url: str) -> str:
     try:
         parsed = make_url(url)
         masked = {k: ("***" if is_secret(k) else v) for k, v in parsed.query.items()}
-        return parsed.set(query=masked).render_as_string(hide_password=True)
+        # The URL renderer percent-encodes the query's *** as %2A%2A%2A.
+        return parsed.set(query=masked).render_as_string(hide_password=True).replace(
+            "%2A%2A%2A", "***"
+        )
     except Exception:
         return "<unparseable database URL>"
 
