@@ -24,10 +24,23 @@ the claim and one COMMIT per batch, plus whatever the handlers do.
                          raw message is parked in `outbox_dead_letter` (see
                          `outbox/dead_letters.py` to replay); batching goes
                          on with the next message.
-    malformed message    parked at once, in the batch's transaction, no retries.
+    handler breaks the   commits, rolls back or closes the session (see
+      contract           `outbox.handler`): refused before anything reaches
+                         the database, and a failure like any other (retried,
+                         then dead-lettered with an error saying what it did).
+    malformed message    parked at once, in the batch's transaction, no retries
+                         (includes what `publish` never writes: no key, NaN).
     database unreachable not the messages' fault: never parked. The consumer
                          waits (bounded exponential backoff) and retries the
                          uncommitted messages; their offsets stay uncommitted.
+                         One WARNING when an outage starts (with its reason: a
+                         refused login says so), one INFO when it ends.
+    database wrong       checked before the first poll (`outbox.preflight`): a
+                         refused login raises ConfigError, missing or older
+                         tables SchemaError, one line each; a database that is
+                         down then is waited for. Later, a kit statement that
+                         finds its table missing raises SchemaError out of
+                         `run_once`; no message is parked for it.
     batch commit fails   while the database answers (a deferred constraint, a
                          dropped connection): nobody can be blamed yet, so
                          that batch's messages are applied one by one.
@@ -41,7 +54,8 @@ remembers. Keep inbox rows (see `purge_inbox`) longer than the topic's
 otherwise an old message read again would be applied twice.
 
 This module must never commit an offset ahead of the database, dead-letter a
-message because the database is down, or log a payload or a secret.
+message because the database is down or wrong, let a handler commit its
+batch, or log a payload or a secret.
 """
 
 from __future__ import annotations
@@ -51,7 +65,7 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from functools import partial
@@ -64,7 +78,8 @@ from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 from sqlalchemy import Engine, exists, literal, select, text
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.orm import Session, SessionTransaction
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session
 from sqlalchemy.types import LargeBinary
 from tenacity import (
     RetryCallState,
@@ -90,30 +105,32 @@ from outbox.envelope import decode, headers_as_json
 from outbox.errors import ConfigError, MalformedMessageError, OutboxError, describe_error
 from outbox.event import Event
 from outbox.failpoints import failpoint
+from outbox.handler import (
+    Handler,
+    HandlerContractError,
+    HandlerGuard,
+    TransactionEndedError,
+    check_handler,
+    handler_name,
+)
+from outbox.kafka_logging import protect_kafka_logs
+from outbox.preflight import KitStatementError, check_consumer_database, kit_statement, login_refused
 from outbox.schema import outbox_dead_letter, outbox_inbox
 
-__all__ = ["Consumer", "ConsumerConfig", "ConsumerStats", "Handler", "apply_event"]
+__all__ = [
+    "Consumer",
+    "ConsumerConfig",
+    "ConsumerStats",
+    "Handler",
+    "HandlerContractError",
+    "apply_event",
+    "unclaim_events",
+]
 
 log = logging.getLogger(__name__)
 
 FAILPOINT_AFTER_DB_COMMIT = "consumer-after-db-commit"
 ENV_PREFIX = "OUTBOX_CONSUMER_"
-
-Handler = Callable[[Session, Event], object]
-"""`handler(session, event)`: apply `event` inside `session`'s open transaction.
-
-The transaction also holds the other events of the batch. The handler must
-not commit, roll back or close the session; it may open savepoints of its own
-with `session.begin_nested()`. Raising is how it reports failure: the batch's
-transaction is rolled back, which undoes every write in it, and the events
-before the failed one are applied again without it. A database error it
-catches and swallows also counts as a failure (PostgreSQL aborted the
-transaction; only a savepoint of the handler's own could have kept the
-work). It may run more than once for one event (retries, a neighbour's
-failure), but its database effects are committed at most once per consumer
-group; effects outside the database (an e-mail, an HTTP call) are not
-covered and must be idempotent themselves.
-"""
 
 _T = TypeVar("_T")
 
@@ -212,7 +229,8 @@ _INBOX_CLAIM = text(f"""
 """)
 _INBOX_UNCLAIM = text(
     f"DELETE FROM {outbox_inbox.name} "
-    "WHERE consumer_group = :group AND event_id = ANY(CAST(:event_ids AS uuid[]))"
+    "WHERE consumer_group = :group AND event_id = ANY(CAST(:event_ids AS uuid[])) "
+    "RETURNING event_id"
 )
 
 
@@ -222,9 +240,13 @@ def apply_event(session: Session, *, group: str, event: Event, handler: Handler)
     Returns False, without running the handler, when the group already has
     the event. Nothing is committed here: the caller's commit makes the inbox
     row and the handler's effects durable together, and a rollback discards
-    both, so the event can be applied again. Dead-letter replay and the
-    consumer's one-message path go through this function; its batches claim
-    with the same statement (`_claim`).
+    both, so the event can be applied again. The handler is held to the
+    handler contract (`outbox.handler`): what it may not do raises
+    `HandlerContractError`, and the caller must then roll back. After
+    `TransactionEndedError` the inbox row may have been committed: delete it
+    again (`unclaim_events`) before the event is retried. Dead-letter replay
+    and the consumer's one-message path go through this function; its
+    batches claim with the same statement (`_claim`).
     """
     if event.partition is None or event.offset is None:
         raise MalformedMessageError(
@@ -232,8 +254,22 @@ def apply_event(session: Session, *, group: str, event: Event, handler: Handler)
         )
     if event.id not in _claim(session, group, [event]):
         return False
-    handler(session, event)
+    HandlerGuard.for_session(session).run(handler, event)
     return True
+
+
+def unclaim_events(session: Session, group: str, event_ids: Iterable[uuid.UUID]) -> set[uuid.UUID]:
+    """Delete `group`'s inbox rows of `event_ids`; returns the ids that had a row.
+
+    The repair after `TransactionEndedError`: rows that a handler's commit
+    made durable without the effects of their events.
+    """
+    ids = list(event_ids)
+    if not ids:
+        return set()
+    with kit_statement("deleting inbox rows"):
+        rows = session.execute(_INBOX_UNCLAIM, {"group": group, "event_ids": ids})
+    return set(rows.scalars())
 
 
 class _GiveBack(Exception):
@@ -241,7 +277,14 @@ class _GiveBack(Exception):
 
 
 class _DatabaseUnavailable(_GiveBack):
-    """The database did not answer: wait and retry the same messages, never park them."""
+    """The database did not answer: wait and retry the same messages, never park them.
+
+    The message is the reason, for the one log line of the outage.
+    """
+
+
+class _EffectsCommitted(HandlerContractError):
+    """A handler committed below SQLAlchemy (see TransactionEndedError): parked at once, not retried."""
 
 
 class _TransactionFailed(Exception):
@@ -249,12 +292,17 @@ class _TransactionFailed(Exception):
 
 
 class _HandlerFailed(Exception):
-    """The handler of the batch's record `index` raised `error`; the batch's transaction rolled back."""
+    """The handler of the batch's record `index` raised `error`; the batch's transaction rolled back.
 
-    def __init__(self, index: int, error: Exception) -> None:
+    `unclaim`: after a `TransactionEndedError`, the event ids whose inbox
+    rows may have been committed without their effects.
+    """
+
+    def __init__(self, index: int, error: Exception, unclaim: set[uuid.UUID] | None = None) -> None:
         super().__init__(index, error)
         self.index = index
         self.error = error
+        self.unclaim = unclaim
 
 
 class Consumer:
@@ -273,6 +321,16 @@ class Consumer:
 
     `sleep` (default: an interruptible wait that `stop()` cuts short) is
     injectable so tests do not wait out the backoff.
+
+    Raised, not retried: `ConfigError` from the constructor (a setting, or a
+    handler that cannot be one: not callable, async, a generator, a wrong
+    signature) and from the first `run_once` (the database refuses the
+    login, or the role lacks a grant); `SchemaError` when the kit's tables
+    are missing or older than the kit (first `run_once`, or any later one
+    whose statement finds them gone). Retried: a handler's failure
+    (`max_attempts`, then a dead letter), a database that does not answer
+    (waited out, however long, also at the start), a Kafka commit that
+    fails (the next batch tries again).
 
     Not thread-safe, except `stop()`, which any thread or a signal handler
     may call, twice, or before `run()`.
@@ -294,6 +352,8 @@ class Consumer:
             raise ConfigError("group", "must be a non-empty consumer group id")
         if isinstance(topics, str) or not topics or not all(topics):
             raise ConfigError("topics", "must be a non-empty list of topic names")
+        check_handler(handler)
+        protect_kafka_logs()
         self.config = config if config is not None else ConsumerConfig.from_env()
         self.group = group
         self.topics = tuple(topics)
@@ -321,6 +381,8 @@ class Consumer:
         self._kafka: Any = None
         self._pending: dict[TopicPartition, int] = {}  # next offset to commit, per partition
         self._deadline = 0.0
+        self._database_checked = False  # the start checks passed (see outbox.preflight)
+        self._outage_started: float | None = None  # monotonic time of the outage's first wait
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -380,10 +442,17 @@ class Consumer:
         Returns the number of messages handled (applied, duplicates and dead
         letters). Messages not handled, because `stop()` was called or the
         database stayed unreachable for the whole time budget, are given back:
-        the next poll returns them again.
+        the next poll returns them again. The first call checks the database
+        before it polls (see the class docstring for what it raises); while
+        the database does not answer it waits, up to the time budget, and
+        returns 0 without polling.
         """
         if self._closed:
             raise OutboxError("consumer is closed")
+        if not self._database_checked:
+            self._deadline = time.monotonic() + self._budget
+            if not self._check_database():
+                return 0  # the database does not answer yet: nothing read, nothing joined
         kafka = self._kafka_consumer()
         self._commit()  # a commit that failed last time, before a poll can rebalance
         batch = kafka.poll(timeout_ms=timeout_ms, max_records=self.config.poll_batch_size)
@@ -410,9 +479,10 @@ class Consumer:
                     continue
                 chunk = records[handled : handled + self.config.transaction_batch_size]
                 try:
-                    committed, failed = self._while_database_down(chunk[0], len(chunk))(
+                    committed, failed = self._while_database_down(_where(chunk[0], len(chunk)))(
                         self._apply_batch, chunk
                     )
+                    self._end_outage()
                 except _TransactionFailed as exc:
                     self._log_batch_failure(chunk, exc)
                     alone_until = handled + len(chunk)
@@ -470,13 +540,14 @@ class Consumer:
         done: list[tuple[Any, Callable[[], None]]] = []  # record, its stats and log line
         try:
             with Session(self._engine) as session:
-                transaction = session.begin()
+                session.begin()
                 decoded = [_try_decode(record) for record in records]
                 claimed = _claim(session, self.group, [e for e in decoded if isinstance(e, Event)])
+                guard = HandlerGuard.for_session(session) if claimed else None
                 for index, (record, event) in enumerate(zip(records, decoded, strict=True)):
                     if done and self._out_of_time():
                         # The rest is given back: its claims must not commit without its effects.
-                        _unclaim(session, self.group, claimed)
+                        unclaim_events(session, self.group, claimed)
                         break
                     if not isinstance(event, Event):
                         note = self._park(session, record, event, attempts=1,
@@ -484,28 +555,36 @@ class Consumer:
                         done.append((record, note))
                         continue
                     applied = event.id in claimed
-                    if applied:
+                    if applied and guard is not None:
                         claimed.discard(event.id)  # a second copy in this batch is a duplicate
                         try:
-                            self._run_handler(session, transaction, event)
+                            guard.run(self._handler, event)
+                        except TransactionEndedError as exc:
+                            raise _HandlerFailed(index, exc, claimed | {event.id}) from exc
                         except Exception as exc:
                             raise _HandlerFailed(index, exc) from exc
                     done.append((record, partial(self._note_applied, event, applied)))
                 if done:
-                    _check_transaction(session, transaction)
                     session.commit()
         except _HandlerFailed as failure:
             # Checked after the session gave its connection back, so that a pool
             # of one connection cannot make the check wait for the session itself.
-            if not self._database_answers():
+            problem = self._database_problem()
+            if problem is not None:
                 # Not the message's fault: wait and retry the whole batch.
-                raise _DatabaseUnavailable(describe_error(failure.error)) from failure.error
+                raise _DatabaseUnavailable(self._outage_reason(problem)) from failure.error
+            if failure.unclaim:
+                failure.error = self._repair_inbox(failure.error, failure.unclaim,
+                                                   decoded[failure.index])
+            raise
+        except KitStatementError:
             raise
         except Exception as exc:
             # The transaction as a whole (the inbox claim, a dead letter, the
             # commit): nothing of it committed.
-            if not self._database_answers():
-                raise _DatabaseUnavailable(describe_error(exc)) from exc
+            problem = self._database_problem()
+            if problem is not None:
+                raise _DatabaseUnavailable(self._outage_reason(problem)) from exc
             raise _TransactionFailed(describe_error(exc)) from exc
         if done:
             failpoint(FAILPOINT_AFTER_DB_COMMIT)
@@ -519,10 +598,11 @@ class Consumer:
         `failed_attempt` is the error of the attempt already made inside a
         batch: it counts as attempt 1.
         """
-        for attempt in self._while_database_down(record, 1):
+        for attempt in self._while_database_down(_where(record, 1)):
             with attempt:
                 self._handle(record, failed_attempt)
             failed_attempt = None  # after an outage the message starts over with fresh attempts
+        self._end_outage()
 
     def _handle(self, record: Any, failed_attempt: Exception | None) -> None:
         try:
@@ -530,19 +610,23 @@ class Consumer:
         except MalformedMessageError as exc:
             self._dead_letter(record, exc, attempts=1, event_id=_raw_event_id(record.headers))
             return
+        attempts = [0]
         try:
-            applied = self._apply_with_retries(event, failed_attempt)
-        except _GiveBack:
+            applied = self._apply_with_retries(event, failed_attempt, attempts)
+        except (_GiveBack, KitStatementError):
             raise
         except Exception as exc:
-            self._dead_letter(record, exc, attempts=self.config.max_attempts, event_id=event.id)
+            self._dead_letter(record, exc, attempts=attempts[0], event_id=event.id)
             return
         failpoint(FAILPOINT_AFTER_DB_COMMIT)
         self._note_applied(event, applied)
 
-    def _apply_with_retries(self, event: Event, failed_attempt: Exception | None) -> bool:
+    def _apply_with_retries(
+        self, event: Event, failed_attempt: Exception | None, attempts: list[int]
+    ) -> bool:
+        """Apply `event` in a transaction, up to `max_attempts` times; `attempts[0]` counts them."""
         retrying = Retrying(
-            retry=retry_if_not_exception_type(_GiveBack),
+            retry=retry_if_not_exception_type((_GiveBack, KitStatementError, _EffectsCommitted)),
             stop=stop_after_attempt(self.config.max_attempts),
             wait=wait_random_exponential(
                 multiplier=self.config.retry_backoff_base, max=self.config.retry_backoff_max
@@ -554,33 +638,70 @@ class Consumer:
         earlier = [failed_attempt] if failed_attempt is not None else []
 
         def attempt() -> bool:
+            attempts[0] += 1
             if earlier:
                 raise earlier.pop()  # made in the batch: counted, logged and waited for as any
-            return self._in_transaction(lambda session: self._apply(session, event))
+            try:
+                return self._in_transaction(
+                    lambda session: apply_event(
+                        session, group=self.group, event=event, handler=self._handler
+                    )
+                )
+            except TransactionEndedError as exc:
+                raise self._repair_inbox(exc, {event.id}, event) from exc
 
         applied: bool = retrying(attempt)
         return applied
 
-    def _apply(self, session: Session, event: Event) -> bool:
-        transaction = session.get_transaction()
-        return apply_event(
-            session, group=self.group, event=event,
-            handler=lambda s, e: self._run_handler(s, transaction, e),
-        )
+    def _repair_inbox(self, error: Exception, event_ids: set[uuid.UUID], event: Any) -> Exception:
+        """After `TransactionEndedError`: delete the inbox rows a handler's own commit made durable.
 
-    def _run_handler(
-        self, session: Session, transaction: SessionTransaction | None, event: Event
-    ) -> None:
-        self._handler(session, event)
-        session.flush()  # the handler's pending ORM changes: if they fail, it is the handler's try
-        _check_transaction(session, transaction)
+        Those of events whose handlers had not run, so that none is skipped as
+        a duplicate; and the failed event's own, so that a replay applies it.
+        Returns the error to go on with: `_EffectsCommitted` (no retries) if
+        the failed event's row had been committed, since what its handler
+        wrote before committing is durable and a retry would write it again.
+        The one gap left: should the database go away before this repair
+        commits, the rows stay, and those events are later skipped as
+        duplicates (two faults at once, one of them a handler that went
+        around every guard).
+        """
+        found = self._in_transaction(lambda session: unclaim_events(session, self.group, event_ids))
+        if not found:
+            return error  # it was a rollback: nothing became durable
+        log.warning(
+            "a handler committed below SQLAlchemy: deleted the inbox rows of %s event(s) whose "
+            "effects had not committed, so they are applied again: group=%s event=%s",
+            len(found), self.group, getattr(event, "id", None),
+        )
+        if isinstance(event, Event) and event.id in found:
+            return _EffectsCommitted(
+                f"handler {handler_name(self._handler)} committed the transaction itself, below "
+                "SQLAlchemy (the driver's own connection), which the kit cannot refuse: its inbox "
+                "row and what it wrote before that commit were durable. The row was deleted "
+                "again; check those writes before replaying this dead letter"
+            )
+        return error
 
     def _dead_letter(
         self, record: Any, exc: BaseException, *, attempts: int, event_id: uuid.UUID | None
     ) -> None:
-        note = self._in_transaction(
-            lambda session: self._park(session, record, exc, attempts=attempts, event_id=event_id)
-        )
+        try:
+            note = self._in_transaction(
+                lambda session: self._park(
+                    session, record, exc, attempts=attempts, event_id=event_id
+                )
+            )
+        except (_GiveBack, KitStatementError):
+            raise
+        except Exception as parking_error:
+            # Never the raw error: SQLAlchemy's message quotes the statement's
+            # parameters, which hold the message's key and value.
+            raise OutboxError(
+                f"could not park the message in {outbox_dead_letter.name}: group={self.group} "
+                f"topic={record.topic} partition={record.partition} offset={record.offset} "
+                f"error={describe_error(parking_error)}"
+            ) from None
         failpoint(FAILPOINT_AFTER_DB_COMMIT)
         note()
 
@@ -595,7 +716,9 @@ class Consumer:
             offset=record.offset, event_id=event_id, key=record.key, value=record.value,
             headers=_storable_headers(record.headers), error=error, attempts=attempts,
         )
-        parked = _rowcount(session.execute(insert)) > 0
+        with kit_statement(f"parking a message in {outbox_dead_letter.name}"):
+            # RETURNING, not rowcount: psycopg reports -1 for an INSERT ... SELECT.
+            parked = session.execute(insert).first() is not None
         return partial(self._note_parked, record, error, attempts, event_id, parked)
 
     def _in_transaction(self, work: Callable[[Session], _T]) -> _T:
@@ -603,20 +726,52 @@ class Consumer:
         try:
             with Session(self._engine) as session, session.begin():
                 return work(session)
+        except KitStatementError:
+            raise
         except Exception as exc:
             # Whatever was raised (OperationalError, or a handler's wrapper of
             # it), if the database does not answer now the message is not to
             # blame. If it does answer, the error counts as a failed attempt.
-            if not self._database_answers():
-                raise _DatabaseUnavailable(describe_error(exc)) from exc
+            problem = self._database_problem()
+            if problem is not None:
+                raise _DatabaseUnavailable(self._outage_reason(problem)) from exc
             raise
 
-    def _database_answers(self) -> bool:
+    def _database_problem(self) -> Exception | None:
+        """None if the database answers a query now, else why not."""
         try:
             with self._engine.connect() as conn:
                 conn.execute(select(1))
-        except Exception:
+        except Exception as exc:
+            return exc
+        return None
+
+    def _outage_reason(self, problem: BaseException) -> str:
+        refused = login_refused(problem)
+        if refused is not None:
+            return (f"the database refuses the consumer's login ({refused}); check the engine's "
+                    "URL (OUTBOX_DATABASE_URL): the consumer waits until it is let in")
+        return f"the database does not answer ({describe_error(problem)})"
+
+    def _check_database(self) -> bool:
+        """The start checks (`outbox.preflight`); False while the database does not answer.
+
+        A refused login raises ConfigError and missing or older tables
+        SchemaError, at once: waiting would not change them.
+        """
+
+        def check() -> None:
+            try:
+                check_consumer_database(self._engine)
+            except DBAPIError as exc:  # ConfigError and SchemaError pass: waiting would not help
+                raise _DatabaseUnavailable(self._outage_reason(exc)) from exc
+
+        try:
+            self._while_database_down("before the first poll")(check)
+        except _GiveBack:  # stop(), or the time budget: the next run_once tries again
             return False
+        self._end_outage()
+        self._database_checked = True
         return True
 
     # -- offsets ---------------------------------------------------------------
@@ -674,7 +829,7 @@ class Consumer:
         if self._stopping.is_set():
             raise _GiveBack
 
-    def _while_database_down(self, first: Any, messages: int) -> Retrying:
+    def _while_database_down(self, where: str) -> Retrying:
         # While the database is down, retry the same messages with bounded backoff;
         # when the time budget runs out the batch is given back and polled again,
         # which keeps this member in its group however long the outage lasts.
@@ -686,7 +841,7 @@ class Consumer:
             ) + wait_random(0, self.config.db_backoff_base),
             stop=self._must_give_back,
             sleep=self._pause,
-            before_sleep=lambda state: self._log_database_wait(first, messages, state),
+            before_sleep=lambda state: self._log_database_wait(where, state),
             reraise=True,
         )
 
@@ -751,16 +906,28 @@ class Consumer:
             describe_error(exc) if exc is not None else "",
         )
 
-    def _log_database_wait(self, first: Any, messages: int, state: RetryCallState) -> None:
+    def _log_database_wait(self, where: str, state: RetryCallState) -> None:
+        # One WARNING per outage, with its reason; the waits after it at DEBUG.
         self.stats.database_waits += 1
         exc = state.outcome.exception() if state.outcome is not None else None
-        log.warning(
-            "database unavailable, waiting to retry the same messages: group=%s topic=%s "
-            "partition=%s offset=%s messages=%s wait=%.2fs error=%s",
-            self.group, first.topic, first.partition, first.offset, messages,
-            state.next_action.sleep if state.next_action else 0.0,
-            str(exc) if exc is not None else "",
-        )
+        wait = state.next_action.sleep if state.next_action else 0.0
+        if self._outage_started is None:
+            self._outage_started = time.monotonic()
+            log.warning(
+                "database unavailable, waiting; nothing is dead-lettered and no offset moves "
+                "until it answers: group=%s %s reason=%s",
+                self.group, where, exc if exc is not None else "",
+            )
+        else:
+            log.debug("database still unavailable: group=%s %s wait=%.2fs reason=%s",
+                      self.group, where, wait, exc if exc is not None else "")
+
+    def _end_outage(self) -> None:
+        """Called where the database just answered: the outage's one closing line."""
+        if self._outage_started is not None:
+            log.info("database available again after %.1fs: group=%s",
+                     time.monotonic() - self._outage_started, self.group)
+            self._outage_started = None
 
     def _log_batch_failure(self, records: Sequence[Any], exc: _TransactionFailed) -> None:
         first = records[0]
@@ -822,8 +989,10 @@ def _kafka_settings(
     return settings
 
 
-def _rowcount(result: Any) -> int:
-    return int(result.rowcount)
+def _where(first: Any, messages: int) -> str:
+    """The log fields of a stretch of messages: where it starts, how many."""
+    return (f"topic={first.topic} partition={first.partition} offset={first.offset} "
+            f"messages={messages}")
 
 
 def _decode(record: Any) -> Event:
@@ -849,46 +1018,15 @@ def _claim(session: Session, group: str, events: Sequence[Event]) -> set[uuid.UU
     """
     if not events:
         return set()
-    rows = session.execute(_INBOX_CLAIM, {
-        "group": group,
-        "event_ids": [e.id for e in events],
-        "topics": [e.topic for e in events],
-        "partitions": [e.partition for e in events],
-        "offsets": [e.offset for e in events],
-    })
+    with kit_statement(f"inserting rows into {outbox_inbox.name}"):
+        rows = session.execute(_INBOX_CLAIM, {
+            "group": group,
+            "event_ids": [e.id for e in events],
+            "topics": [e.topic for e in events],
+            "partitions": [e.partition for e in events],
+            "offsets": [e.offset for e in events],
+        })
     return set(rows.scalars())
-
-
-def _unclaim(session: Session, group: str, event_ids: set[uuid.UUID]) -> None:
-    """Delete inbox rows this transaction claimed but did not apply (they go back to Kafka)."""
-    if event_ids:
-        session.execute(_INBOX_UNCLAIM, {"group": group, "event_ids": list(event_ids)})
-
-
-_PQTRANS_INERROR = 3  # libpq's transaction status "in a failed transaction block" (psycopg, psycopg2)
-
-
-def _check_transaction(session: Session, expected: SessionTransaction | None) -> None:
-    """Raise unless `session` is still in `expected` and PostgreSQL has not aborted it.
-
-    Both catch a handler that broke its contract without raising. One that
-    swallowed a database error leaves the transaction aborted: COMMIT would
-    quietly roll everything back (the driver raises nothing, so the messages
-    would count as applied and their offsets move on). One that committed or
-    rolled back ended the transaction, and the session would quietly begin
-    another. Raised after the handler, the error counts as its failure.
-    """
-    if session.get_transaction() is not expected:
-        raise OutboxError("the handler committed or rolled back the session's transaction")
-    dbapi = session.connection().connection.dbapi_connection
-    status = getattr(getattr(dbapi, "info", None), "transaction_status", None)
-    if status is None:  # a driver that does not say: the server refuses a statement then
-        session.execute(select(1))
-    elif status == _PQTRANS_INERROR:
-        raise OutboxError(
-            "a database error was swallowed inside the handler and PostgreSQL aborted the "
-            "transaction; wrap the statement in session.begin_nested() to recover from it"
-        )
 
 
 def _storable_headers(headers: Sequence[tuple[str, bytes]] | None) -> dict[str, str]:
@@ -916,7 +1054,10 @@ def _dead_letter_insert(
     *, group: str, topic: str, partition: int, offset: int, event_id: uuid.UUID | None,
     key: bytes | None, value: bytes | None, headers: dict[str, str], error: str, attempts: int,
 ) -> Any:
-    """INSERT the message unless this group parked this very message already (a redelivery)."""
+    """INSERT the message unless this group parked this very message already (a redelivery).
+
+    RETURNING the new row's id: no row back means it was parked before.
+    """
     t = outbox_dead_letter
     row = select(
         literal(group).label("consumer_group"),
@@ -941,4 +1082,4 @@ def _dead_letter_insert(
         ["consumer_group", "topic", "partition", "offset", "event_id", "key", "value",
          "headers", "error", "attempts"],
         row,
-    )
+    ).returning(t.c.id)

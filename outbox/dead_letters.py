@@ -45,9 +45,11 @@ from typing import Any
 from sqlalchemy import Connection, Engine, delete, func, select, tuple_, update
 from sqlalchemy.orm import Session
 
-from outbox.consumer import Handler, apply_event
+from outbox.consumer import Handler, apply_event, unclaim_events
 from outbox.envelope import decode
 from outbox.errors import ConfigError, ParkedEventError, describe_error
+from outbox.handler import TransactionEndedError, check_handler
+from outbox.preflight import KitStatementError
 from outbox.schema import outbox_dead_letter, outbox_inbox
 
 __all__ = [
@@ -122,7 +124,14 @@ def replay_dead_letters(
     more attempt counted; the others go on. `ids` restricts the replay; an id
     that is not a dead letter of `group` raises `ParkedEventError` before
     anything is replayed. Safe to run twice and next to a running consumer.
+
+    The handler is held to the same contract as in the consumer
+    (`outbox.handler`): one that commits, rolls back or closes the session
+    fails, and its dead letter stays parked. A handler that cannot be one
+    (not callable, async, wrong signature) raises `ConfigError` first, and
+    missing or older tables raise `SchemaError`, stopping the replay.
     """
+    check_handler(handler)
     t = outbox_dead_letter
     with engine.connect() as conn:
         if ids is not None:
@@ -150,6 +159,8 @@ def replay_dead_letters(
     for dead_letter_id in candidates:
         try:
             outcome = _replay_one(engine, dead_letter_id, group, handler)
+        except KitStatementError:
+            raise
         except Exception as exc:
             error = describe_error(exc)
             with engine.begin() as conn:
@@ -201,7 +212,14 @@ def _replay_one(engine: Engine, dead_letter_id: int, group: str, handler: Handle
             topic=letter.topic, partition=letter.partition, offset=letter.offset,
             key=letter.key, value=letter.value, headers=_headers_from_json(letter.headers),
         )
-        applied = apply_event(session, group=group, event=event, handler=handler)
+        try:
+            applied = apply_event(session, group=group, event=event, handler=handler)
+        except TransactionEndedError:
+            # The handler ended the transaction below SQLAlchemy, maybe with a
+            # COMMIT of the inbox row: delete it, so the next replay applies it.
+            with Session(engine) as repair, repair.begin():
+                unclaim_events(repair, group, [event.id])
+            raise
         session.execute(update(t).where(t.c.id == dead_letter_id).values(replayed_at=func.now()))
     return "applied" if applied else "duplicates"
 

@@ -5,17 +5,27 @@ stored by `publish` (JSON, or raw bytes), and its headers carry the
 attributes: `ce_specversion`, `ce_id`, `ce_source`, `ce_type`, `ce_time`,
 `content-type`, then the user's own headers. Any CloudEvents SDK, in any
 language, reads these messages; `decode` is the kit's own reader.
+
+`decode` refuses (`MalformedMessageError`, which the consumer dead-letters
+at once) what the kit's `publish` could never have written, so a message a
+handler receives always looks like an event `publish` accepted: no key or an
+empty one, JSON data with NaN or Infinity (`publish` encodes with
+allow_nan=False; PostgreSQL's jsonb and most other JSON readers refuse them),
+JSON data that is not UTF-8, headers that are not UTF-8, a missing id, type
+or source. Content types other than JSON are passed on as bytes, since other
+CloudEvents producers may write them.
 """
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NoReturn
 
 from outbox.errors import MalformedMessageError
-from outbox.event import Event, decode_data
+from outbox.event import JSON_CONTENT_TYPE, Event, decode_data
 
 SPEC_VERSION = "1.0"
 Headers = list[tuple[str, bytes]]
@@ -110,15 +120,19 @@ def decode(
         event_id = uuid.UUID(attributes["ce_id"])
     except ValueError:
         raise MalformedMessageError(f"ce_id {attributes['ce_id']!r} is not a UUID") from None
-    content_type = attributes.get("content-type", "application/json")
+    content_type = attributes.get("content-type", JSON_CONTENT_TYPE)
     try:
-        data: Any = decode_data(value or b"", content_type)
+        data: Any = _decode_data(value or b"", content_type)
     except ValueError as exc:
         raise MalformedMessageError(f"data is not valid {content_type}: {exc}") from None
+    if key is None:
+        raise MalformedMessageError("message has no key; publish always sets the event key")
     try:
-        text_key = key.decode() if key is not None else ""
+        text_key = key.decode()
     except UnicodeDecodeError:
         raise MalformedMessageError("message key is not UTF-8") from None
+    if not text_key.strip():
+        raise MalformedMessageError("message key is empty; publish refuses an empty event key")
     return Event(
         id=event_id,
         topic=topic,
@@ -143,6 +157,20 @@ def headers_as_json(headers: Sequence[tuple[str, bytes]] | None) -> dict[str, st
         except (UnicodeDecodeError, AttributeError):
             result[name] = "hex:" + bytes(raw or b"").hex()
     return result
+
+
+def _refuse_constant(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not a JSON number (publish refuses NaN and Infinity)")
+
+
+# json.loads accepts NaN, Infinity and -Infinity, and bytes in UTF-16 or UTF-32.
+_STRICT_JSON = json.JSONDecoder(parse_constant=_refuse_constant)
+
+
+def _decode_data(payload: bytes, content_type: str) -> Any:
+    if content_type.split(";")[0].strip() == JSON_CONTENT_TYPE:
+        return _STRICT_JSON.decode(payload.decode("utf-8"))  # UnicodeDecodeError is a ValueError
+    return decode_data(payload, content_type)
 
 
 def _parse_time(value: str | None) -> datetime:

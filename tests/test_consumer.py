@@ -384,9 +384,11 @@ def test_handler_swallowing_a_database_error_is_retried_not_counted_as_applied(
 def test_handler_rolling_back_the_session_loses_nothing_of_its_batch(
     effects: Engine, bootstrap_servers: str, topic: str, group: str, admin: KafkaAdminClient
 ) -> None:
-    # Against the handler contract, and it takes the batch's earlier messages
-    # with it: the session would quietly begin a new transaction, so the
-    # consumer must notice, apply the earlier messages again and retry this one.
+    # Against the handler contract: the rollback is refused (it would take the
+    # batch's earlier messages with it, and the session would quietly begin a
+    # new transaction), the attempt fails, the earlier messages are applied
+    # again and this one is retried. tests/test_consumer_misuse.py tries every
+    # other way of ending the transaction.
     events = [cloud_event() for _ in range(3)]
     ids = [event_id for event_id, _ in events]
     produce(bootstrap_servers, topic, [(0, message) for _, message in events])

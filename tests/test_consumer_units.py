@@ -1,16 +1,24 @@
-"""Pure logic of the consuming side: configuration, failpoint specs, error text. No I/O."""
+"""Pure logic of the consuming side: configuration, handler checks, decoding, error text. No I/O."""
 
 from __future__ import annotations
 
+import functools
+import logging
+import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 from sqlalchemy import create_engine
 
 from outbox.consumer import Consumer, ConsumerConfig
-from outbox.dead_letters import import_handler
-from outbox.errors import ConfigError, describe_error
+from outbox.dead_letters import import_handler, replay_dead_letters
+from outbox.envelope import decode, encode_headers
+from outbox.errors import ConfigError, MalformedMessageError, describe_error
 from outbox.failpoints import parse
+from outbox.handler import _ENDS_TRANSACTION, check_handler, handler_name
+from outbox.kafka_logging import _FILTER, KAFKA_WIRE_LOGGERS, protect_kafka_logs
+from outbox.preflight import login_refused
 
 # Never connected to: Consumer() talks to nothing until run_once().
 ENGINE = create_engine("postgresql+psycopg://nobody@127.0.0.1:1/none")
@@ -153,3 +161,192 @@ def test_import_handler_resolves_module_colon_function() -> None:
         with pytest.raises(ConfigError) as raised:
             import_handler(bad)
         assert raised.value.field == "handler"
+
+
+# -- handlers that cannot be handlers --------------------------------------------------
+
+
+def _two(session: object, event: object) -> None: ...
+
+
+def _three(session: object, event: object, extra: object) -> None: ...
+
+
+def _keyword_only(session: object, event: object, *, must: object) -> None: ...
+
+
+async def _async(session: object, event: object) -> None: ...
+
+
+async def _async_gen(session: object, event: object) -> Any:
+    yield None
+
+
+def _gen(session: object, event: object) -> Any:
+    yield None
+
+
+class _AsyncCallable:
+    async def __call__(self, session: object, event: object) -> None: ...
+
+
+class _Callable:
+    def __call__(self, session: object, event: object) -> None: ...
+
+
+@pytest.mark.parametrize(
+    ("handler", "says"),
+    [
+        ("tests.consumer_proc:record_effect", "is not callable"),
+        (lambda session: None, "cannot be called as handler(session, event)"),
+        (_three, "cannot be called as handler(session, event)"),
+        (_keyword_only, "missing a required argument: 'must'"),
+        (_async, "is an async function"),
+        (_async_gen, "is an async function"),
+        (_AsyncCallable(), "is an async function"),
+        (functools.partial(_async), "is an async function"),
+        (_gen, "is a generator function"),
+    ],
+    ids=["a string", "one argument", "three arguments", "keyword-only", "async def",
+         "async generator", "async __call__", "partial of async", "generator"],
+)
+def test_consumer_refuses_what_cannot_be_a_handler_in_one_line(handler: Any, says: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        Consumer(ENGINE, group="g", topics=["t"], handler=handler, bootstrap_servers="127.0.0.1:9")
+    assert raised.value.field == "handler"
+    assert says in str(raised.value) and "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    "handler",
+    [_two, lambda s, e: None, _Callable(), functools.partial(_three, None), print,
+     lambda *args: None],
+    ids=["def", "lambda", "callable object", "partial", "builtin", "*args"],
+)
+def test_consumer_takes_what_can_be_a_handler(handler: Any) -> None:
+    check_handler(handler)
+    Consumer(ENGINE, group="g", topics=["t"], handler=handler, bootstrap_servers="127.0.0.1:9")
+
+
+def test_replay_refuses_an_async_handler_before_touching_the_database() -> None:
+    with pytest.raises(ConfigError) as raised:
+        replay_dead_letters(ENGINE, group="g", handler=_async)
+    assert raised.value.field == "handler"
+
+
+@pytest.mark.parametrize(
+    ("statement", "ends"),
+    [
+        ("COMMIT", True), ("  commit;", True), ("END", True), ("ABORT", True),
+        ("ROLLBACK", True), ("rollback work", True), ("PREPARE TRANSACTION 'x'", True),
+        ("SELECT 1; COMMIT", True), ("-- note\nCOMMIT", True), ("/* a */ COMMIT", True),
+        ("ROLLBACK TO SAVEPOINT sa_savepoint_1", False), ("RELEASE SAVEPOINT sa_1", False),
+        ("SAVEPOINT sa_1", False), ("COMMENT ON TABLE t IS 'x'", False),
+        ("INSERT INTO ledger (endpoint) VALUES (%(e)s)", False), ("SELECT commit_ts FROM t", False),
+    ],
+)
+def test_statements_that_end_the_transaction_are_recognised(statement: str, ends: bool) -> None:
+    assert bool(_ENDS_TRANSACTION.search(statement)) is ends
+
+
+def test_handler_name_is_what_import_handler_takes() -> None:
+    assert handler_name(_two) == "tests.test_consumer_units:_two"
+    assert handler_name(functools.partial(_three, None)) == "tests.test_consumer_units:_three"
+    assert handler_name(_Callable()) == "tests.test_consumer_units:_Callable"
+
+
+# -- messages publish never writes -------------------------------------------------------
+
+
+def _headers(content_type: str = "application/json") -> list[tuple[str, bytes]]:
+    return encode_headers(event_id=uuid.uuid4(), type="payment.captured", source="/t",
+                          time=datetime.now(UTC), content_type=content_type, headers={})
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "says"),
+    [
+        (b"k", b"[NaN]", "NaN is not a JSON number"),
+        (b"k", b'{"a": Infinity}', "Infinity is not a JSON number"),
+        (b"k", b'{"a": -Infinity}', "-Infinity is not a JSON number"),
+        (b"k", '{"a": 1}'.encode("utf-16"), "not valid application/json"),
+        (None, b"{}", "message has no key"),
+        (b"", b"{}", "message key is empty"),
+        (b"  ", b"{}", "message key is empty"),
+    ],
+)
+def test_decode_refuses_what_publish_never_writes(key: bytes | None, value: bytes, says: str) -> None:
+    with pytest.raises(MalformedMessageError) as raised:
+        decode(topic="t", partition=0, offset=0, key=key, value=value, headers=_headers())
+    assert says in str(raised.value)
+
+
+def test_decode_takes_what_publish_writes_and_other_content_types_as_bytes() -> None:
+    event = decode(topic="t", partition=0, offset=0, key="acct-€".encode(),
+                   value='{"amount": 1.5, "note": "é"}'.encode(), headers=_headers())
+    assert event.key == "acct-€" and event.data == {"amount": 1.5, "note": "é"}
+    raw = decode(topic="t", partition=0, offset=0, key=b"k", value=b"NaN",
+                 headers=_headers("text/plain"))
+    assert raw.data == b"NaN"
+
+
+# -- a database that is wrong, not down ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("message", "refused"),
+    [
+        ('connection failed: connection to server at "127.0.0.1", port 5432 failed: FATAL:  '
+         'password authentication failed for user "ledger"',
+         'password authentication failed for user "ledger"'),
+        ('connection failed: connection to server at "db", port 5432 failed: FATAL:  database '
+         '"ledgr" does not exist', 'database "ledgr" does not exist'),
+        ('connection failed: connection to server at "db", port 5432 failed: server does not '
+         'support SSL, but SSL was required', "server does not support SSL, but SSL was required"),
+        ('connection failed: connection to server at "db", port 5432 failed: FATAL:  no '
+         'pg_hba.conf entry for host "10.0.0.9", user "ledger", database "pay", no encryption',
+         'no pg_hba.conf entry for host "10.0.0.9", user "ledger", database "pay", no encryption'),
+        ('connection failed: connection to server at "db", port 5432 failed: Connection refused',
+         None),
+        ("connection failed: connection to server at \"db\", port 5432 failed: timeout expired",
+         None),
+        ("the database system is starting up", None),
+        ("SSL SYSCALL error: EOF detected", None),
+    ],
+)
+def test_login_refused_tells_wrong_from_down(message: str, refused: str | None) -> None:
+    assert login_refused(RuntimeError(message)) == refused
+
+
+# -- kafka-python's DEBUG logs ---------------------------------------------------------------
+
+
+def test_kafka_wire_logs_keep_no_sasl_bytes_payloads_or_config_secrets(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # kafka-python's own code paths, no broker: the parser logs each request
+    # it encodes and the bytes it hands to the socket.
+    from kafka.protocol.parser import KafkaProtocol
+    from kafka.protocol.sasl import SaslAuthenticateRequest
+
+    protect_kafka_logs()
+    protect_kafka_logs()  # idempotent
+    for name in KAFKA_WIRE_LOGGERS:
+        assert logging.getLogger(name).filters.count(_FILTER) == 1
+    caplog.set_level(logging.DEBUG)
+    for name in KAFKA_WIRE_LOGGERS:
+        logging.getLogger(name).setLevel(logging.NOTSET)
+    parser = KafkaProtocol(client_id="t", ident="node=1")
+    parser.send_request(SaslAuthenticateRequest(auth_bytes=b"u\x00u\x00hunter2-pw", version=2))
+    parser.send_bytes()
+    logging.getLogger("kafka.producer.kafka").debug(
+        "%s: Sending (key=%r value=%r headers=%r) to %s", "producer-1", b"acct", b'{"pan": "4111"}',
+        [], "payments-0")
+    logging.getLogger("kafka.admin.client").debug(
+        "Starting KafkaAdminClient with configuration: %s", {"sasl_plain_password": "hunter2-pw",
+                                                             "client_id": "admin"})
+    text = "\n".join(record.getMessage() for record in caplog.records)
+    assert "hunter2-pw" not in text and "4111" not in text
+    assert "<SaslAuthenticateRequest, contents not logged>" in text
+    assert "bytes, not logged>" in text and "'client_id': 'admin'" in text
+    assert "Sending a record (key, value and headers not logged) to payments-0" in text
