@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from types import FrameType
 
 from outbox.errors import OutboxError
+from outbox.kafka_logging import protect_kafka_logs
 from relay.config import RelayConfig
 from relay.relay import Relay
 
@@ -59,6 +60,9 @@ def run(args: argparse.Namespace) -> int:
     # kafka-python logs every reconnect attempt at WARNING/ERROR; our own log
     # lines say what matters during an outage.
     logging.getLogger("kafka").setLevel(logging.CRITICAL)
+    # Muted is not enough if a user turns it back on: the wire-level lines
+    # (SASL bytes, records) stay redacted whatever the level.
+    protect_kafka_logs()
     try:
         config = RelayConfig.from_env(
             database_url=args.database_url,
