@@ -25,6 +25,12 @@ from tests.kafka_helpers import REPO
 from tests.schemas import empty_schema
 
 SECRET = "S3cr3tXYZ"
+# A handler of the right shape, so that a replay gets as far as the database.
+HANDLER = "tests.test_cli_misuse:ignore_event"
+
+
+def ignore_event(session: object, event: object) -> None:
+    """A dead-letter replay handler that does nothing."""
 URL_WITH_SECRET = f"postgresql://user:{SECRET}@db.example:5432/payments"
 
 
@@ -75,7 +81,7 @@ EVERY_COMMAND = [
     ["parked", "list"],
     ["parked", "replay"],
     ["dead-letters", "list"],
-    ["dead-letters", "replay", "--group", "g", "--handler", "json:loads"],
+    ["dead-letters", "replay", "--group", "g", "--handler", HANDLER],
     ["dead-letters", "discard", "--group", "g", "--reason", "r", "1"],
     ["inbox", "purge", "--older-than", "14d"],
 ]
@@ -186,7 +192,7 @@ def test_a_postgres_scheme_url_works_on_the_command_line(database_url: str) -> N
         ["inbox", "purge", "--older-than", "0d"],
         ["inbox", "purge", "--older-than", "99999999999d"],
         ["parked", "replay", "not-a-uuid"],
-        ["dead-letters", "replay", "--group", "g", "--handler", "json:loads", "0"],
+        ["dead-letters", "replay", "--group", "g", "--handler", HANDLER, "0"],
         ["dead-letters", "discard", "--group", "g", "1"],
         ["dead-letters", "discard", "--group", "g", "--reason", "r"],
         ["relay", "--batch-size", "0"],
@@ -242,7 +248,7 @@ NEEDS_THE_TABLES = [
     ["parked", "list"],
     ["parked", "replay"],
     ["dead-letters", "list"],
-    ["dead-letters", "replay", "--group", "g", "--handler", "json:loads"],
+    ["dead-letters", "replay", "--group", "g", "--handler", HANDLER],
     ["dead-letters", "discard", "--group", "g", "--reason", "r", "1"],
     ["inbox", "purge", "--older-than", "14d"],
     ["db", "check"],

@@ -334,6 +334,8 @@ def test_kafka_wire_logs_keep_no_sasl_bytes_payloads_or_config_secrets(
     for name in KAFKA_WIRE_LOGGERS:
         assert logging.getLogger(name).filters.count(_FILTER) == 1
     caplog.set_level(logging.DEBUG)
+    # An in-process relay daemon run (the CLI tests) mutes "kafka" itself.
+    caplog.set_level(logging.DEBUG, logger="kafka")
     for name in KAFKA_WIRE_LOGGERS:
         logging.getLogger(name).setLevel(logging.NOTSET)
     parser = KafkaProtocol(client_id="t", ident="node=1")
