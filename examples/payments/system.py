@@ -18,20 +18,26 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
+import psycopg
 from kafka.admin import KafkaAdminClient, NewTopic
 from sqlalchemy import Engine, create_engine, func, select, text
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from tenacity import retry, retry_if_exception, stop_after_delay, wait_fixed
 
 from examples.payments.invariants import Report, check
 from examples.payments.progress import Progress
 from examples.payments.schema import applied_event, create_tables, reset_tables
-from examples.payments.service import PaymentService
+from examples.payments.service import PaymentService, TransitionError
 from outbox import migrate
 from outbox.stats import outbox_stats
 
 REPO = Path(__file__).resolve().parents[2]
+T = TypeVar("T")
 
 
 class Process:
@@ -332,26 +338,28 @@ class PaymentsSystem:
         self.engine.dispose()
 
 
-def _retry_db(action, *, already: tuple[str, ...] = ()):  # type: ignore[no-untyped-def]
+def _connection_lost(exc: BaseException) -> bool:
+    """The errors a database restart or failover produces, told by type: a
+    dropped or refused connection, an administrator's shutdown, a server still
+    starting. Anything else (a constraint, a bug) is not retried."""
+    if isinstance(exc, DBAPIError):
+        return exc.connection_invalidated or isinstance(exc, OperationalError | InterfaceError)
+    return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
+
+
+@retry(retry=retry_if_exception(_connection_lost), wait=wait_fixed(0.2),
+       stop=stop_after_delay(60), reraise=True)
+def _call(action: Callable[[], T]) -> T:
+    return action()
+
+
+def _retry_db(action: Callable[[], T], *, already: tuple[str, ...] = ()) -> T | None:
     """Run a payment API call the way a client would during a database restart:
-    retry on a dropped connection. A retried move that already happened (its
+    retry on a lost connection. A retried move that already happened (its
     first attempt committed before the connection dropped) counts as done."""
-    from sqlalchemy.exc import DBAPIError
-
-    from examples.payments.service import PaymentError
-
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            return action()
-        except PaymentError as exc:
-            if already and any(f"is {state}" in str(exc) for state in already):
-                return None
-            raise
-        except DBAPIError as exc:
-            if not exc.connection_invalidated and "terminat" not in str(exc) \
-                    and "connection" not in str(exc).lower():
-                raise
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
+    try:
+        return _call(action)
+    except TransitionError as exc:
+        if exc.status in already:
+            return None
+        raise
