@@ -2,7 +2,7 @@
 
 Paced open-loop writers (bench/load.py) commit events at a fixed offered
 rate; a relay process (`python -m relay`) publishes them; a consumer process
-(`python -m bench.consumer_proc`, the kit's `Consumer`) applies each one with
+(`python -m harness.consumer_proc`, the kit's `Consumer`) applies each one with
 a handler that inserts a row stamped with `clock_timestamp()`. Latency is
 that stamp minus the writer's wall clock right after COMMIT returned (same
 machine, same clock). Each load runs twice: relay woken by LISTEN/NOTIFY
@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import math
 import statistics
-import sys
 import threading
 import time
 import uuid
 from typing import Any
 
 from bench import procs
-from bench.consumer_proc import EFFECT_DDL, EFFECT_TABLE
+from bench.effects import EFFECT_DDL, EFFECT_TABLE
 from bench.env import BenchEnv
 from bench.load import LoadResult, run_load
 from bench.machine import CpuMeter
@@ -50,10 +49,11 @@ def run(env: BenchEnv, sizes: Sizes) -> Section:
         conn.execute(f"TRUNCATE {EFFECT_TABLE}")
     topic = env.topic("latency")
     group = f"bench-{env.run_id}-latency"
-    consumer = procs.Child("consumer", [
-        sys.executable, "-m", "bench.consumer_proc", "--database-url", env.database_url,
+    consumer = procs.start_consumer(env, "consumer", [
+        "--handler", "bench.effects:record_effect", "--database-url", env.database_url,
         "--bootstrap-servers", env.bootstrap_servers, "--topic", topic, "--group", group,
-    ], env.child_env())
+        "--application-name", "outbox-bench-consumer", "--log-level", "WARNING",
+    ])
     engine = env.engine(pool_size=4)
     cases: list[dict[str, Any]] = []
     observer = Observer(env, topic)

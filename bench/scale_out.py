@@ -60,7 +60,8 @@ def run(env: BenchEnv, sizes: Sizes) -> Section:
             bar.close(events)
         finally:
             for relay in relays:
-                match = _STOPPED.search(relay.stop())
+                relay.stop()
+                match = _STOPPED.search(relay.tail(50))
                 shares.append(int(match.group(1)) if match else -1)
         rate = events / elapsed
         single = single or rate

@@ -1,6 +1,8 @@
 """What the tests, the benchmark and the payments demo share to run the kit around them.
 
     devstack.py      the local services' addresses, read in one place
+    procs.py         child processes (relays, consumers): start, stop, SIGKILL, pause
+    consumer_proc.py the kit's Consumer as a process of its own (`python -m harness.consumer_proc`)
 
 Development tooling, never shipped: the wheel holds `outbox` and `relay` only
 (pyproject.toml lists its packages). It imports nothing from `tests`,

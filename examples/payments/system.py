@@ -10,10 +10,7 @@ drive this; neither knows how a process is started or killed.
 from __future__ import annotations
 
 import json
-import os
 import random
-import signal
-import subprocess
 import sys
 import threading
 import time
@@ -33,69 +30,19 @@ from examples.payments.invariants import Report, check
 from examples.payments.progress import Progress
 from examples.payments.schema import applied_event, create_tables, reset_tables
 from examples.payments.service import PaymentService, TransitionError
+from harness import procs
+from harness.procs import Child
 from outbox import migrate
 from outbox.stats import outbox_stats
 
-REPO = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
 
 
-class Process:
-    """One child process that may be killed, paused and restarted."""
-
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], log: Path) -> None:
-        self.name, self.argv, self.env, self.log = name, argv, env, log
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.lock = threading.Lock()
-        self.starts = 0
-
-    def start(self) -> None:
-        with self.lock, open(self.log, "ab") as out:
-            self.starts += 1
-            self.proc = subprocess.Popen(
-                self.argv_for_start(), env=self.env, stdout=out, stderr=subprocess.STDOUT,
-                cwd=REPO,
-            )
-
-    def argv_for_start(self) -> list[str]:
-        return self.argv
-
-    def kill(self) -> None:
-        with self.lock:
-            if self.proc and self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGKILL)
-                self.proc.wait()
-
-    def pause(self) -> None:
-        with self.lock:
-            if self.proc and self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGSTOP)
-
-    def resume(self) -> None:
-        with self.lock:
-            if self.proc and self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGCONT)
-
-    def stop(self) -> int:
-        with self.lock:
-            if self.proc is None:
-                return 0
-            if self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGCONT)  # a paused process cannot act on SIGTERM
-                self.proc.send_signal(signal.SIGTERM)
-                try:
-                    return self.proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    return self.proc.wait()
-            return self.proc.returncode
-
-
-class Ledger(Process):
+class Ledger(Child):
     """A ledger process; each start writes its consumer counters to a file of its own."""
 
     def __init__(self, name: str, argv: list[str], env: dict[str, str], log: Path) -> None:
-        super().__init__(name, argv, env, log)
+        super().__init__(name, argv, env, log=log)
         self.stats_files: list[Path] = []
 
     def argv_for_start(self) -> list[str]:
@@ -150,16 +97,9 @@ class PaymentsSystem:
         workdir.mkdir(parents=True, exist_ok=True)
         self.engine: Engine = create_engine(database_url, pool_size=8, max_overflow=8,
                                             pool_pre_ping=True)
-        env = {
-            **os.environ,
-            "OUTBOX_DATABASE_URL": database_url,
-            "OUTBOX_KAFKA_BOOTSTRAP_SERVERS": bootstrap_servers,
-            "PYTHONPATH": str(REPO),
-            **(relay_env or {}),
-        }
+        env = procs.child_env(database_url, bootstrap_servers, relay_env)
         self.relays = [
-            Process(f"relay-{i}", [sys.executable, "-m", "relay"], env, workdir / f"relay-{i}.log")
-            for i in range(relays)
+            procs.relay(f"relay-{i}", env, log=workdir / f"relay-{i}.log") for i in range(relays)
         ]
         ledger_argv = [sys.executable, "-m", "examples.payments.ledger",
                        "--topic", self.topic, "--group", self.group]
@@ -217,7 +157,7 @@ class PaymentsSystem:
         raise TimeoutError(f"relays and ledgers not ready within {timeout}s")
 
     def stop(self) -> dict[str, int]:
-        return {p.name: p.stop() for p in [*self.relays, *self.ledgers]}
+        return {p.name: p.stop().returncode for p in [*self.relays, *self.ledgers]}
 
     # -- load -----------------------------------------------------------------
 
