@@ -24,9 +24,9 @@ from bench.effects import EFFECT_DDL, EFFECT_TABLE
 from bench.env import BenchEnv
 from bench.load import LoadResult, run_load
 from bench.machine import CpuMeter
-from bench.progress import Progress
 from bench.report import Row, Section
 from bench.settings import Sizes
+from harness import progress
 from relay.config import RelayConfig
 
 NAME = "4 latency"
@@ -89,7 +89,7 @@ def _warm_up(env: BenchEnv, engine: Any, topic: str, consumer: procs.Child) -> N
 
 
 def _wait_applied(env: BenchEnv, ids: set[uuid.UUID], consumer: procs.Child, *,
-                  timeout: float, bar: Progress | None = None) -> dict[uuid.UUID, float]:
+                  timeout: float, bar: progress.Bar | None = None) -> dict[uuid.UUID, float]:
     """Poll the effect table until every id has its row; returns id -> applied wall time."""
     applied: dict[uuid.UUID, float] = {}
     deadline = time.monotonic() + timeout
@@ -100,7 +100,7 @@ def _wait_applied(env: BenchEnv, ids: set[uuid.UUID], consumer: procs.Child, *,
             ).fetchall()
             applied = {r[0]: r[1] for r in rows if r[0] in ids}
             if bar:
-                bar.update(len(applied))
+                bar.reach(len(applied))
             if len(applied) >= len(ids):
                 return applied
             consumer.check_alive()
@@ -159,19 +159,19 @@ def _measure(env: BenchEnv, engine: Any, topic: str, consumer: procs.Child, rela
     with env.connect() as conn:
         conn.execute(f"TRUNCATE {EFFECT_TABLE}")
     total = int(rate * seconds)
-    bar = Progress(f"latency {rate}/s {mode}", total)
+    bar = progress.bar(f"latency {rate}/s {mode}", total)
     meter = CpuMeter(named={consumer.pid: "consumer", relay.pid: "relay"})
     meter.start()
     load: LoadResult = run_load(engine, topic=topic, rate=rate, seconds=seconds,
-                                events_per_tx=per_tx, threads=4, on_progress=bar.update)
+                                events_per_tx=per_tx, threads=4, on_progress=bar.reach)
     cpu = meter.stop()
-    bar.close(load.events)
+    bar.finish(load.events)
     relay.check_alive()
-    bar = Progress("  waiting for effects", load.events)
+    bar = progress.bar("  waiting for effects", load.events)
     # A consumer that fell behind needs time to catch up; its lag is part of the figure.
     applied = _wait_applied(env, set(load.committed), consumer,
                             timeout=max(120.0, load.events / 200), bar=bar)
-    bar.close(len(applied))
+    bar.finish(len(applied))
     latencies = sorted(
         (applied[event_id] - committed) * 1000 for event_id, committed in load.committed.items()
     )

@@ -27,11 +27,11 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from tenacity import retry, retry_if_exception, stop_after_delay, wait_fixed
 
 from examples.payments.invariants import Report, check
-from examples.payments.progress import Progress
 from examples.payments.schema import applied_event, create_tables, reset_tables
 from examples.payments.service import PaymentService, TransitionError
 from harness import procs
 from harness.procs import Child
+from harness.progress import bar as _bar
 from outbox import migrate
 from outbox.stats import outbox_stats
 
@@ -168,7 +168,7 @@ class PaymentsSystem:
         """`count` payments from `workers` threads; `rate` payments/s in total, or as fast
         as possible. Each: create (5% retried with the same idempotency key),
         authorise (95%), capture (95% of those), refund (10% of captures)."""
-        bar = Progress("payments written", count) if progress else None
+        bar = _bar("payments written", count, unit="payment") if progress else None
         lock = threading.Lock()
         done = [0]
         errors: list[BaseException] = []
@@ -190,7 +190,7 @@ class PaymentsSystem:
                     done[0] += 1
                     self.retried_creates += int(retried)
                     if bar:
-                        bar.update(done[0])
+                        bar.reach(done[0])
 
         threads = [threading.Thread(target=work, args=(w,)) for w in range(workers)]
         for t in threads:
@@ -198,7 +198,7 @@ class PaymentsSystem:
         for t in threads:
             t.join()
         if bar:
-            bar.close(done[0])
+            bar.finish(done[0])
         if errors:
             raise errors[0]
 
@@ -235,18 +235,18 @@ class PaymentsSystem:
     def wait_until_applied(self, *, timeout: float, progress: bool = True) -> bool:
         """Until the ledger applied every committed event (True) or `timeout` (False)."""
         committed = self.committed_events()
-        bar = Progress("ledger applied", committed) if progress else None
         deadline = time.monotonic() + timeout
-        applied = 0
-        while time.monotonic() < deadline:
-            applied = _retry_db(self.applied)
-            if bar:
-                bar.update(applied)
-            if applied >= committed:
-                break
+        applied = _retry_db(self.applied) or 0
+        # Most events were applied while the payments were being written: the bar
+        # starts from them, so its rate counts only what it saw being applied.
+        bar = _bar("ledger applied", committed, initial=applied, unit="event") if progress else None
+        while applied < committed and time.monotonic() < deadline:
             time.sleep(0.2)
+            applied = _retry_db(self.applied) or 0
+            if bar:
+                bar.reach(applied)
         if bar:
-            bar.close(applied)
+            bar.finish(applied)
         return applied >= committed
 
     def outcome(self) -> Outcome:
