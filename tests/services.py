@@ -6,7 +6,7 @@ Plain functions, no pytest fixtures: ``tests/conftest.py`` builds its fixtures o
 Each service is looked up once per process, in this order:
 
 1. an explicit address: ``OUTBOX_TEST_DATABASE_URL`` (a SQLAlchemy URL such as
-   ``postgresql+psycopg://outbox:outbox@127.0.0.1:54329/outbox``) and
+   ``postgresql+psycopg://USER:PASSWORD@HOST:PORT/DATABASE``) and
    ``OUTBOX_TEST_KAFKA_BOOTSTRAP_SERVERS`` (``host:port[,host:port...]``);
 2. testcontainers (``postgres:16`` and a KRaft Kafka), when a Docker engine
    answers a ping; the containers start once per process and stop at exit;
