@@ -68,7 +68,8 @@ bench-quick: venv services bench-db
 
 ## bench-db: the benchmark's own database on the devstack PostgreSQL (idempotent)
 bench-db: services
-	@port=$${OUTBOX_DEVSTACK_PG_PORT:-54329}; sock=$(CURDIR)/.devstack/pg/run; \
+	@eval "$$($(DEVSTACK) env)"; port=$${OUTBOX_DATABASE_URL##*:}; port=$${port%%/*}; \
+	sock=$(CURDIR)/.devstack/pg/run; \
 	[ -S "$$sock/.s.PGSQL.$$port" ] || sock=$$(dirname $$(ls /tmp/outbox-devstack-*/.s.PGSQL.$$port | head -1)); \
 	if [ "$$(id -u)" = 0 ]; then as="runuser -u postgres --"; else as=""; fi; \
 	cd / && $$as psql -X -q -h "$$sock" -p $$port -d postgres -tAc \
