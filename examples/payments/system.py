@@ -214,11 +214,11 @@ class PaymentsSystem:
                 idempotency_key=key, merchant="x", amount_minor=1))
             assert again.id == p.id
         if rng.random() < 0.95:
-            _retry_db(lambda: service.authorise(p.id), already=("authorised",))
+            _move(lambda: service.authorise(p.id), already="authorised")
             if rng.random() < 0.95:
-                _retry_db(lambda: service.capture(p.id), already=("captured",))
+                _move(lambda: service.capture(p.id), already="captured")
                 if rng.random() < 0.1:
-                    _retry_db(lambda: service.refund(p.id), already=("refunded",))
+                    _move(lambda: service.refund(p.id), already="refunded")
         return retried
 
     # -- observation ----------------------------------------------------------
@@ -236,13 +236,13 @@ class PaymentsSystem:
         """Until the ledger applied every committed event (True) or `timeout` (False)."""
         committed = self.committed_events()
         deadline = time.monotonic() + timeout
-        applied = _retry_db(self.applied) or 0
+        applied = _retry_db(self.applied)
         # Most events were applied while the payments were being written: the bar
         # starts from them, so its rate counts only what it saw being applied.
         bar = _bar("ledger applied", committed, initial=applied, unit="event") if progress else None
         while applied < committed and time.monotonic() < deadline:
             time.sleep(0.2)
-            applied = _retry_db(self.applied) or 0
+            applied = _retry_db(self.applied)
             if bar:
                 bar.reach(applied)
         if bar:
@@ -289,17 +289,18 @@ def _connection_lost(exc: BaseException) -> bool:
 
 @retry(retry=retry_if_exception(_connection_lost), wait=wait_fixed(0.2),
        stop=stop_after_delay(60), reraise=True)
-def _call(action: Callable[[], T]) -> T:
+def _retry_db(action: Callable[[], T]) -> T:
+    """Run a payment API call the way a client would during a database restart:
+    again every 0.2 s while the connection is lost, for up to a minute."""
     return action()
 
 
-def _retry_db(action: Callable[[], T], *, already: tuple[str, ...] = ()) -> T | None:
-    """Run a payment API call the way a client would during a database restart:
-    retry on a lost connection. A retried move that already happened (its
-    first attempt committed before the connection dropped) counts as done."""
+def _move(action: Callable[[], object], *, already: str) -> None:
+    """A state move, retried like any call. If its first attempt committed just
+    before the connection dropped, the retry finds the payment `already` there:
+    that counts as done, not as an error."""
     try:
-        return _call(action)
+        _retry_db(action)
     except TransitionError as exc:
-        if exc.status in already:
-            return None
-        raise
+        if exc.status != already:
+            raise
