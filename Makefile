@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml
 	@$(PY) -m pip install --disable-pip-version-check -q -e '.[dev]'
 	@touch $@
 
-## services: local PostgreSQL (127.0.0.1:54329) and Kafka (127.0.0.1:19092), idempotent
+## services: local PostgreSQL and Kafka (addresses: devstack/devstack env), idempotent
 services:
 	@$(DEVSTACK) up
 
@@ -54,7 +54,8 @@ demo: venv services
 # The benchmark truncates the kit's tables, so it runs against a database of its
 # own on the devstack server (created here once, as the devstack creates `outbox`).
 BENCH_DB ?= outbox_bench
-BENCH_DATABASE_URL ?= postgresql+psycopg://outbox:outbox@127.0.0.1:$${OUTBOX_DEVSTACK_PG_PORT:-54329}/$(BENCH_DB)
+# Default: the devstack's own URL (devstack/devstack env) with the database swapped.
+BENCH_DATABASE_URL ?= $${OUTBOX_DATABASE_URL%/*}/$(BENCH_DB)
 BENCH_ARGS ?=
 
 ## bench: every measurement (about an hour on 2 cores); table + bench/results/{full,latest}.{json,md}
@@ -67,7 +68,8 @@ bench-quick: venv services bench-db
 
 ## bench-db: the benchmark's own database on the devstack PostgreSQL (idempotent)
 bench-db: services
-	@port=$${OUTBOX_DEVSTACK_PG_PORT:-54329}; sock=$(CURDIR)/.devstack/pg/run; \
+	@eval "$$($(DEVSTACK) env)"; port=$${OUTBOX_DATABASE_URL##*:}; port=$${port%%/*}; \
+	sock=$(CURDIR)/.devstack/pg/run; \
 	[ -S "$$sock/.s.PGSQL.$$port" ] || sock=$$(dirname $$(ls /tmp/outbox-devstack-*/.s.PGSQL.$$port | head -1)); \
 	if [ "$$(id -u)" = 0 ]; then as="runuser -u postgres --"; else as=""; fi; \
 	cd / && $$as psql -X -q -h "$$sock" -p $$port -d postgres -tAc \
@@ -76,7 +78,7 @@ bench-db: services
 
 ## lint: ruff and mypy --strict on the library
 lint: venv
-	$(VENV)/bin/ruff check outbox relay
+	$(VENV)/bin/ruff check outbox relay harness
 	$(VENV)/bin/mypy --strict outbox relay
 
 ## down: stop every devstack service (state is kept)

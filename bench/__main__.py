@@ -1,6 +1,7 @@
 """`python -m bench [--quick]`: every measurement, one table, results in bench/results/.
 
-    .venv/bin/python -m bench --quick --database-url postgresql+psycopg://outbox:outbox@127.0.0.1:54329/outbox_bench
+    make bench-quick          # the devstack server, database outbox_bench (created once)
+    .venv/bin/python -m bench --quick --database-url postgresql+psycopg://USER:PASSWORD@HOST:PORT/outbox_bench
     .venv/bin/python -m bench --only relay,consumer --relay-events 200000
 
 `main` parses and dispatches; each measurement is one module with a
@@ -12,7 +13,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import os
 import shlex
 import sys
 import time
@@ -31,10 +31,11 @@ from bench import (
     services,
     write_cost,
 )
-from bench.env import DEVSTACK_BOOTSTRAP_SERVERS, DEVSTACK_DATABASE_URL, BenchEnv
+from bench.env import BenchEnv
 from bench.machine import describe
 from bench.report import Run, Section, text_table, write
 from bench.settings import FULL, QUICK, Sizes
+from harness import devstack
 
 MEASUREMENTS: dict[str, Callable[[BenchEnv, Sizes], Section]] = {
     "write": write_cost.run,
@@ -57,11 +58,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     chosen = _chosen(args)
     if args.profile:
         profiling.enable()
-    env = BenchEnv(
-        database_url=args.database_url or os.environ.get("OUTBOX_DATABASE_URL") or DEVSTACK_DATABASE_URL,
-        bootstrap_servers=(args.bootstrap_servers or os.environ.get("OUTBOX_KAFKA_BOOTSTRAP_SERVERS")
-                           or DEVSTACK_BOOTSTRAP_SERVERS),
-    )
+    if args.database_url and args.bootstrap_servers:
+        env = BenchEnv(database_url=args.database_url, bootstrap_servers=args.bootstrap_servers)
+    else:
+        found = devstack.addresses()  # OUTBOX_* variables, else `devstack/devstack env`
+        env = BenchEnv(database_url=args.database_url or found.database_url,
+                       bootstrap_servers=args.bootstrap_servers or found.bootstrap_servers)
     try:
         services.wait_until_up(env, timeout=20)
     except RuntimeError as exc:

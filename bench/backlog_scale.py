@@ -23,10 +23,10 @@ import psycopg
 from bench import procs
 from bench.env import BenchEnv
 from bench.load import run_load
-from bench.progress import Progress
 from bench.relay_throughput import NullPublisher, drain_with_relay
 from bench.report import Row, Section
 from bench.settings import Sizes
+from harness import progress
 from relay import store
 from relay.kafka import KafkaPublisher
 
@@ -79,9 +79,9 @@ def _scale(env: BenchEnv, sizes: Sizes, section: Section) -> None:
             with env.connect() as conn:
                 missing = size - env.backlog(conn)
             if missing > 0:
-                bar = Progress(f"fill to {size:,}", missing)
-                fill = env.fill(topic, missing, first=next_n, on_progress=bar.update)
-                bar.close(missing)
+                bar = progress.bar(f"fill to {size:,}", missing)
+                fill = env.fill(topic, missing, first=next_n, on_progress=bar.reach)
+                bar.finish(missing)
                 next_n += missing
                 entry.setdefault("fills", []).append(fill.describe())
             with env.connect() as conn:
@@ -133,10 +133,10 @@ def _steady(env: BenchEnv, sizes: Sizes, section: Section) -> None:
         procs.wait_for_leases(env, [relay], [relay_id])
         sampler.start()
         total = int(sizes.steady_rate * sizes.steady_seconds)
-        bar = Progress("steady run", total)
+        bar = progress.bar("steady run", total)
         load = run_load(engine, topic=topic, rate=sizes.steady_rate,
-                        seconds=sizes.steady_seconds, threads=4, on_progress=bar.update)
-        bar.close(load.events)
+                        seconds=sizes.steady_seconds, threads=4, on_progress=bar.reach)
+        bar.finish(load.events)
         # Let the relay finish the backlog, then one more sample.
         deadline = time.monotonic() + 60
         with env.connect() as conn:

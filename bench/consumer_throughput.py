@@ -32,9 +32,9 @@ from sqlalchemy.orm import Session
 from bench import profiling
 from bench.env import EVENT_TYPE, BenchEnv, payment_payload, traceparent
 from bench.machine import CpuMeter, CpuUsage
-from bench.progress import Progress
 from bench.report import Row, Section
 from bench.settings import Sizes
+from harness import progress
 from outbox.consumer import Consumer, ConsumerConfig
 from outbox.envelope import encode_headers
 from outbox.event import Event
@@ -62,7 +62,7 @@ def record_effect(session: Session, event: Event) -> None:
 
 def produce(env: BenchEnv, topic: str, count: int) -> None:
     producer = KafkaProducer(**producer_config(env.bootstrap_servers, {}))
-    bar = Progress("produce", count)
+    bar = progress.bar("produce", count)
     now = datetime.now(UTC)
     try:
         for n in range(count):
@@ -73,9 +73,9 @@ def produce(env: BenchEnv, topic: str, count: int) -> None:
             )
             producer.send(topic, key=key.encode(), value=payment_payload(key, n), headers=headers)
             if n % 2000 == 0:
-                bar.update(n)
+                bar.reach(n)
         producer.flush()
-        bar.close(count)
+        bar.finish(count)
     finally:
         producer.close()
 
@@ -86,7 +86,7 @@ def run_kit(env: BenchEnv, engine: Engine, topic: str, count: int) -> tuple[int,
         engine, group=f"bench-{env.run_id}-kit-{uuid.uuid4().hex[:4]}", topics=[topic],
         handler=record_effect, bootstrap_servers=env.bootstrap_servers, config=ConsumerConfig(),
     )
-    bar = Progress("kit Consumer", count)
+    bar = progress.bar("kit Consumer", count)
     meter = CpuMeter()
     started = time.perf_counter()
     first_at, first = 0.0, 0
@@ -97,12 +97,12 @@ def run_kit(env: BenchEnv, engine: Engine, topic: str, count: int) -> tuple[int,
                 if handled and not first_at:
                     first_at, first = time.perf_counter(), handled
                     meter.start()
-                bar.update(consumer.stats.applied)
+                bar.reach(consumer.stats.applied)
         finished = time.perf_counter()
         cpu = meter.stop()
     finally:
         consumer.close()
-    bar.close(consumer.stats.applied)
+    bar.finish(consumer.stats.applied)
     return count - first, finished - first_at, finished - started, cpu
 
 
@@ -114,7 +114,7 @@ def run_raw(env: BenchEnv, engine: Engine, topic: str, count: int, *,
         auto_offset_reset="earliest", isolation_level="read_committed",
         max_poll_records=POLL_RECORDS,
     )
-    bar = Progress(f"raw KafkaConsumer ({tx_batch}/tx)", count)
+    bar = progress.bar(f"raw KafkaConsumer ({tx_batch}/tx)", count)
     meter = CpuMeter()
     started = time.perf_counter()
     first_at, first, applied = 0.0, 0, 0
@@ -139,12 +139,12 @@ def run_raw(env: BenchEnv, engine: Engine, topic: str, count: int, *,
                 if not first_at:
                     first_at, first = time.perf_counter(), applied
                     meter.start()
-            bar.update(applied)
+            bar.reach(applied)
         finished = time.perf_counter()
         cpu = meter.stop()
     finally:
         consumer.close(autocommit=False)
-    bar.close(applied)
+    bar.finish(applied)
     return count - first, finished - first_at, finished - started, cpu
 
 

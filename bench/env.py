@@ -22,13 +22,12 @@ from kafka.admin import KafkaAdminClient, NewTopic
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.engine import make_url
 
+from outbox.config import safe_url
 from relay import store
 
 log = logging.getLogger(__name__)
 
 APPLICATION_NAME = "outbox-bench"
-DEVSTACK_DATABASE_URL = "postgresql+psycopg://outbox:outbox@127.0.0.1:54329/outbox"
-DEVSTACK_BOOTSTRAP_SERVERS = "127.0.0.1:19092"
 PARTITIONS = 4  # the devstack broker's num.partitions
 
 # One payment-like event. The same template fills the backlog in SQL
@@ -118,11 +117,13 @@ class BenchEnv:
             ).fetchone()
         others, names = (int(row[0]), row[1]) if row else (0, None)
         if others:
+            own = make_url(self.database_url).set(database="outbox_bench")
             raise SystemExit(
                 f"bench: database {self.database_name!r} has {others} other client connection(s) "
                 f"({names}); the benchmark truncates the kit's tables, so give it a database of "
-                "its own, e.g. --database-url postgresql+psycopg://outbox:outbox@127.0.0.1:54329/"
-                "outbox_bench (see bench/README.md), or stop the other clients"
+                f"its own, e.g. `make bench-quick` or --database-url "
+                f"{safe_url(own.render_as_string(hide_password=False))} with the password filled in "
+                "(see bench/README.md), or stop the other clients"
             )
 
     def reset(self) -> None:

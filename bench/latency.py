@@ -2,7 +2,7 @@
 
 Paced open-loop writers (bench/load.py) commit events at a fixed offered
 rate; a relay process (`python -m relay`) publishes them; a consumer process
-(`python -m bench.consumer_proc`, the kit's `Consumer`) applies each one with
+(`python -m harness.consumer_proc`, the kit's `Consumer`) applies each one with
 a handler that inserts a row stamped with `clock_timestamp()`. Latency is
 that stamp minus the writer's wall clock right after COMMIT returned (same
 machine, same clock). Each load runs twice: relay woken by LISTEN/NOTIFY
@@ -14,20 +14,19 @@ from __future__ import annotations
 
 import math
 import statistics
-import sys
 import threading
 import time
 import uuid
 from typing import Any
 
 from bench import procs
-from bench.consumer_proc import EFFECT_DDL, EFFECT_TABLE
+from bench.effects import EFFECT_DDL, EFFECT_TABLE
 from bench.env import BenchEnv
 from bench.load import LoadResult, run_load
 from bench.machine import CpuMeter
-from bench.progress import Progress
 from bench.report import Row, Section
 from bench.settings import Sizes
+from harness import progress
 from relay.config import RelayConfig
 
 NAME = "4 latency"
@@ -50,10 +49,11 @@ def run(env: BenchEnv, sizes: Sizes) -> Section:
         conn.execute(f"TRUNCATE {EFFECT_TABLE}")
     topic = env.topic("latency")
     group = f"bench-{env.run_id}-latency"
-    consumer = procs.Child("consumer", [
-        sys.executable, "-m", "bench.consumer_proc", "--database-url", env.database_url,
+    consumer = procs.start_consumer(env, "consumer", [
+        "--handler", "bench.effects:record_effect", "--database-url", env.database_url,
         "--bootstrap-servers", env.bootstrap_servers, "--topic", topic, "--group", group,
-    ], env.child_env())
+        "--application-name", "outbox-bench-consumer", "--log-level", "WARNING",
+    ])
     engine = env.engine(pool_size=4)
     cases: list[dict[str, Any]] = []
     observer = Observer(env, topic)
@@ -89,7 +89,7 @@ def _warm_up(env: BenchEnv, engine: Any, topic: str, consumer: procs.Child) -> N
 
 
 def _wait_applied(env: BenchEnv, ids: set[uuid.UUID], consumer: procs.Child, *,
-                  timeout: float, bar: Progress | None = None) -> dict[uuid.UUID, float]:
+                  timeout: float, bar: progress.Bar | None = None) -> dict[uuid.UUID, float]:
     """Poll the effect table until every id has its row; returns id -> applied wall time."""
     applied: dict[uuid.UUID, float] = {}
     deadline = time.monotonic() + timeout
@@ -100,7 +100,7 @@ def _wait_applied(env: BenchEnv, ids: set[uuid.UUID], consumer: procs.Child, *,
             ).fetchall()
             applied = {r[0]: r[1] for r in rows if r[0] in ids}
             if bar:
-                bar.update(len(applied))
+                bar.reach(len(applied))
             if len(applied) >= len(ids):
                 return applied
             consumer.check_alive()
@@ -159,19 +159,19 @@ def _measure(env: BenchEnv, engine: Any, topic: str, consumer: procs.Child, rela
     with env.connect() as conn:
         conn.execute(f"TRUNCATE {EFFECT_TABLE}")
     total = int(rate * seconds)
-    bar = Progress(f"latency {rate}/s {mode}", total)
+    bar = progress.bar(f"latency {rate}/s {mode}", total)
     meter = CpuMeter(named={consumer.pid: "consumer", relay.pid: "relay"})
     meter.start()
     load: LoadResult = run_load(engine, topic=topic, rate=rate, seconds=seconds,
-                                events_per_tx=per_tx, threads=4, on_progress=bar.update)
+                                events_per_tx=per_tx, threads=4, on_progress=bar.reach)
     cpu = meter.stop()
-    bar.close(load.events)
+    bar.finish(load.events)
     relay.check_alive()
-    bar = Progress("  waiting for effects", load.events)
+    bar = progress.bar("  waiting for effects", load.events)
     # A consumer that fell behind needs time to catch up; its lag is part of the figure.
     applied = _wait_applied(env, set(load.committed), consumer,
                             timeout=max(120.0, load.events / 200), bar=bar)
-    bar.close(len(applied))
+    bar.finish(len(applied))
     latencies = sorted(
         (applied[event_id] - committed) * 1000 for event_id, committed in load.committed.items()
     )

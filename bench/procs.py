@@ -1,89 +1,28 @@
-"""Child processes the measurements run: relays (`python -m relay`) and the latency consumer."""
+"""The relays the measurements run, on `harness.procs` (the tests' and the demo's
+process helpers too), and waiting until they share the shards."""
 
 from __future__ import annotations
 
-import atexit
 import os
-import signal
-import subprocess
-import sys
-import tempfile
 import time
-from pathlib import Path
-from types import TracebackType
 
 from bench.env import BenchEnv
+from harness import procs
+from harness.procs import Child
 
-REPO = Path(__file__).resolve().parent.parent
-_children: list[Child] = []
-
-
-class Child:
-    """A child process with its output in a log file; `stop()` sends SIGTERM, then SIGKILL."""
-
-    def __init__(self, name: str, argv: list[str], env: dict[str, str]) -> None:
-        self.name = name
-        self.log_path = Path(tempfile.mkstemp(prefix=f"outbox-bench-{name}-", suffix=".log")[1])
-        self._log = self.log_path.open("wb")
-        self.process = subprocess.Popen(
-            argv, env=env, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
-        _children.append(self)
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def check_alive(self) -> None:
-        if self.process.poll() is not None:
-            raise RuntimeError(f"{self.name} exited with {self.process.returncode}:\n{self.tail()}")
-
-    def tail(self, lines: int = 15) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-    def stop(self, timeout: float = 20.0) -> str:
-        """Stop the process; returns the end of its output (the log is removed after a clean exit)."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
-        if not self._log.closed:
-            self._log.close()
-        tail = self.tail(50)
-        if self.process.returncode in (0, -signal.SIGTERM):
-            self.log_path.unlink(missing_ok=True)
-        return tail
-
-    def __enter__(self) -> Child:
-        return self
-
-    def __exit__(self, *exc: tuple[type[BaseException] | None, BaseException | None,
-                                   TracebackType | None]) -> None:
-        self.stop()
-
-
-@atexit.register
-def _stop_all() -> None:
-    """No child outlives the benchmark, whatever ended it."""
-    for child in _children:
-        if child.process.poll() is None:
-            child.process.kill()
+__all__ = ["Child", "pids", "start_consumer", "start_relay", "wait_for_leases"]
 
 
 def start_relay(env: BenchEnv, relay_id: str, *, log_level: str = "WARNING", **settings: str) -> Child:
     """`python -m relay` as a deployment runs it; `settings` are OUTBOX_RELAY_* values."""
     extra = {f"OUTBOX_RELAY_{k.upper()}": v for k, v in settings.items()}
     extra["OUTBOX_RELAY_ID"] = relay_id
-    return Child(
-        relay_id, [sys.executable, "-m", "relay", "--log-level", log_level], env.child_env(**extra)
-    )
+    return procs.relay(relay_id, env.child_env(**extra), log_level=log_level).start()
+
+
+def start_consumer(env: BenchEnv, name: str, args: list[str]) -> Child:
+    """`python -m harness.consumer_proc ARGS`, the kit's `Consumer` until SIGTERM."""
+    return procs.consumer(name, args, env.child_env()).start()
 
 
 def wait_for_leases(env: BenchEnv, relays: list[Child], ids: list[str], timeout: float = 60.0) -> None:

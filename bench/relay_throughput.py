@@ -28,9 +28,9 @@ from typing import Any
 from bench import profiling
 from bench.env import EVENT_TYPE, BenchEnv, FillReport, payment_payload, traceparent
 from bench.machine import CpuMeter, CpuUsage
-from bench.progress import Progress
 from bench.report import Row, Section
 from bench.settings import Sizes
+from harness import progress
 from outbox.envelope import encode_headers
 from relay.config import RelayConfig
 from relay.kafka import KafkaPublisher, producer_config
@@ -94,7 +94,7 @@ def drain_with_relay(
     Returns (events timed, seconds, cpu); the first round is a warm-up.
     """
     relay = Relay(relay_config(env, batch_size=batch_size), publisher=publisher)
-    bar = Progress(label, stop_after or events)
+    bar = progress.bar(label, stop_after or events)
     try:
         warm = relay.run_once()
         target = (stop_after or events) - warm
@@ -110,10 +110,10 @@ def drain_with_relay(
                 idle = idle + 1 if n == 0 else 0
                 if idle > 50:
                     raise RuntimeError(f"{label}: relay made no progress with {target - done} left")
-                bar.update(done + warm)
+                bar.reach(done + warm)
         elapsed = time.perf_counter() - started
         cpu = meter.stop()
-        bar.close(done + warm)
+        bar.finish(done + warm)
         return done, elapsed, cpu
     finally:
         relay.close()
@@ -127,9 +127,9 @@ def fill_and_drain(
     Returns (the fill's report, events timed, seconds, cpu).
     """
     env.reset()
-    bar = Progress("fill backlog", events)
-    fill = env.fill(topic, events, on_progress=bar.update)
-    bar.close(events)
+    bar = progress.bar("fill backlog", events)
+    fill = env.fill(topic, events, on_progress=bar.reach)
+    bar.finish(events)
     done, seconds, cpu = drain_with_relay(
         env, events, publisher=publisher, batch_size=batch_size, label=label
     )
@@ -147,7 +147,7 @@ def raw_kafka_python(
         _warm(lambda m: producer.send(topic, key=m.key, value=m.value, headers=m.headers),
               producer.flush, messages)
         label = "raw kafka-python" + (f" (flush/{flush_every})" if flush_every else "")
-        bar = Progress(label, count)
+        bar = progress.bar(label, count)
         meter = CpuMeter()
         meter.start()
         started = time.perf_counter()
@@ -158,13 +158,13 @@ def raw_kafka_python(
             send(topic, key=m.key, value=m.value, headers=m.headers)
             if flush_every and (i + 1) % flush_every == 0:
                 producer.flush()
-                bar.update(i + 1)
+                bar.reach(i + 1)
             elif i % 5000 == 0:
-                bar.update(i)
+                bar.reach(i)
         producer.flush()
         elapsed = time.perf_counter() - started
         cpu = meter.stop()
-        bar.close(count)
+        bar.finish(count)
         return elapsed, cpu
     finally:
         producer.close()
@@ -306,7 +306,7 @@ def raw_confluent(
 
     _warm(send, producer.flush, messages)
     label = "raw confluent" + (f" (flush/{flush_every})" if flush_every else "")
-    bar = Progress(label, count)
+    bar = progress.bar(label, count)
     meter = CpuMeter()
     meter.start()
     started = time.perf_counter()
@@ -315,14 +315,14 @@ def raw_confluent(
         send(messages[i % pool])
         if flush_every and (i + 1) % flush_every == 0:
             producer.flush()
-            bar.update(i + 1)
+            bar.reach(i + 1)
         elif i % 5000 == 0:
             producer.poll(0)
-            bar.update(i)
+            bar.reach(i)
     producer.flush()
     elapsed = time.perf_counter() - started
     cpu = meter.stop()
-    bar.close(count)
+    bar.finish(count)
     if errors:
         raise RuntimeError(f"raw confluent producer: {len(errors)} delivery errors, e.g. {errors[0]}")
     return elapsed, cpu

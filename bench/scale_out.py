@@ -19,9 +19,9 @@ import time
 from bench import procs
 from bench.env import BenchEnv
 from bench.machine import CpuMeter
-from bench.progress import Progress
 from bench.report import Row, Section
 from bench.settings import Sizes
+from harness import progress
 
 NAME = "6 scale-out"
 _STOPPED = re.compile(r"relay stopped: (\d+) events published")
@@ -42,7 +42,7 @@ def run(env: BenchEnv, sizes: Sizes) -> Section:
             procs.wait_for_leases(env, relays, ids)
             with env.connect() as conn:
                 base = env.published(conn)
-            bar = Progress(f"{count} relay(s)", events)
+            bar = progress.bar(f"{count} relay(s)", events)
             meter = CpuMeter(named={r.pid: f"relay{i}" for i, r in enumerate(relays)})
             fill = env.fill(topic, events, chunk=events, notify=True)
             meter.start()
@@ -51,16 +51,17 @@ def run(env: BenchEnv, sizes: Sizes) -> Section:
                 while (done := env.published(conn) - base) < events:
                     for relay in relays:
                         relay.check_alive()
-                    bar.update(done)
+                    bar.reach(done)
                     if time.perf_counter() - started > 1800:
                         raise RuntimeError(f"{count} relays: only {done} of {events} in 30 min")
                     time.sleep(0.05)
             elapsed = time.perf_counter() - started
             cpu = meter.stop()
-            bar.close(events)
+            bar.finish(events)
         finally:
             for relay in relays:
-                match = _STOPPED.search(relay.stop())
+                relay.stop()
+                match = _STOPPED.search(relay.tail(50))
                 shares.append(int(match.group(1)) if match else -1)
         rate = events / elapsed
         single = single or rate

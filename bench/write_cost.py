@@ -60,9 +60,9 @@ from sqlalchemy.orm import Session
 import outbox
 from bench.env import EVENT_TYPE, BenchEnv
 from bench.machine import CpuMeter, CpuUsage
-from bench.progress import Progress
 from bench.report import Row, Section
 from bench.settings import Sizes
+from harness import progress
 
 NAME = "1 write cost"
 TARGET = 0.85
@@ -221,7 +221,7 @@ def run(env: BenchEnv, sizes: Sizes) -> Section:
                for v in VARIANTS}
     tallies = {v.label: Tally() for v in VARIANTS}
     slices = sizes.write_repeats * len(VARIANTS)
-    bar = Progress(NAME, slices)
+    bar = progress.bar(NAME, slices)
     try:
         for variant in VARIANTS:  # warm the pools and the plans; not counted
             _truncate(env)
@@ -241,8 +241,8 @@ def run(env: BenchEnv, sizes: Sizes) -> Section:
                 tally.durations += durations
                 tally.cpu.append(cpu)
                 done += 1
-                bar.update(done, note=f"{variant.label}: {n / elapsed:,.0f} tx/s")
-        bar.close(done)
+                bar.reach(done, note=f"{variant.label}: {n / elapsed:,.0f} tx/s")
+        bar.finish(done)
     finally:
         for engine in engines.values():
             engine.dispose()

@@ -1,9 +1,13 @@
-"""Reading what really reached the broker, and running relays, for the tests."""
+"""Reading what really reached the broker, and running relays, for the tests.
+
+The processes themselves are `harness.procs`'s (shared with the benchmark and
+the demo); these wrappers keep the tests' shape: a `Popen` back, and an
+assertion when a relay ignores SIGTERM.
+"""
 
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -16,9 +20,26 @@ from pathlib import Path
 
 from kafka import KafkaConsumer, TopicPartition
 
+from harness import devstack, procs
+from harness.devstack import REPO
+from harness.procs import Exited
 from relay import Relay, RelayConfig
 
-REPO = Path(__file__).resolve().parent.parent
+__all__ = [
+    "REPO",
+    "SASL_PASSWORD",
+    "SASL_USERNAME",
+    "Exited",
+    "Received",
+    "first_occurrences",
+    "read_topic",
+    "relay_thread",
+    "run_relay_until_exit",
+    "sasl_bootstrap_servers",
+    "start_relay_process",
+    "stop_process",
+    "wait_until",
+]
 
 
 @dataclass(frozen=True)
@@ -92,37 +113,33 @@ def relay_thread(config: RelayConfig) -> Iterator[Relay]:
         assert not thread.is_alive(), "relay did not stop within 30 s"
 
 
+def _relay_env(
+    database_url: str, bootstrap_servers: str, extra_env: dict[str, str] | None
+) -> dict[str, str]:
+    # Short polls and backoff: the tests wait on what the relay does next.
+    return procs.child_env(database_url, bootstrap_servers, {
+        "OUTBOX_RELAY_POLL_INTERVAL": "0.2",
+        "OUTBOX_RELAY_BACKOFF_MAX": "2",
+        **(extra_env or {}),
+    })
+
+
 def start_relay_process(
     database_url: str, bootstrap_servers: str, *, extra_env: dict[str, str] | None = None,
     log_path: Path | None = None,
 ) -> subprocess.Popen[bytes]:
     """`python -m relay` as a real process (so it can be SIGKILLed)."""
-    env = {
-        **os.environ,
-        "OUTBOX_DATABASE_URL": database_url,
-        "OUTBOX_KAFKA_BOOTSTRAP_SERVERS": bootstrap_servers,
-        "OUTBOX_RELAY_POLL_INTERVAL": "0.2",
-        "OUTBOX_RELAY_BACKOFF_MAX": "2",
-        "PYTHONPATH": str(REPO),
-        **(extra_env or {}),
-    }
-    out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
-    return subprocess.Popen(
-        [sys.executable, "-m", "relay", "--log-level", "INFO"],
-        env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
-    )
+    child = procs.relay("relay", _relay_env(database_url, bootstrap_servers, extra_env),
+                        log=log_path or Path(os.devnull)).start()
+    assert child.process is not None
+    return child.process
 
 
 def stop_process(proc: subprocess.Popen[bytes], *, timeout: float = 30) -> int:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            return proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            raise AssertionError("process ignored SIGTERM for 30 s") from None
-    return proc.returncode
+    stopped = procs.stop(proc, timeout=timeout)
+    if stopped.forced:
+        raise AssertionError(f"process ignored SIGTERM for {timeout:.0f} s")
+    return stopped.returncode
 
 
 def wait_until(predicate: object, *, timeout: float, interval: float = 0.1, what: str = "") -> None:
@@ -135,51 +152,27 @@ def wait_until(predicate: object, *, timeout: float, interval: float = 0.1, what
     raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
 
 
-@dataclass(frozen=True)
-class Exited:
-    returncode: int
-    output: str  # stdout and stderr together
-    seconds: float
-
-
 def run_relay_until_exit(
     database_url: str, bootstrap_servers: str, *, extra_env: dict[str, str] | None = None,
     timeout: float = 30,
 ) -> Exited:
     """`python -m relay` that is expected to exit on its own (a refused setting)."""
-    env = {
-        **os.environ,
-        "OUTBOX_DATABASE_URL": database_url,
-        "OUTBOX_KAFKA_BOOTSTRAP_SERVERS": bootstrap_servers,
-        "OUTBOX_RELAY_POLL_INTERVAL": "0.2",
-        "OUTBOX_RELAY_BACKOFF_MAX": "2",
-        "PYTHONPATH": str(REPO),
-        **(extra_env or {}),
-    }
-    started = time.monotonic()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "relay", "--log-level", "INFO"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO,
-    )
     try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, _ = proc.communicate()
-        raise AssertionError(
-            f"relay still running after {timeout}s:\n{out.decode(errors='replace')[-3000:]}"
-        ) from None
-    return Exited(proc.returncode, out.decode(errors="replace"), time.monotonic() - started)
+        return procs.run_until_exit(
+            [sys.executable, "-m", "relay", "--log-level", "INFO"],
+            _relay_env(database_url, bootstrap_servers, extra_env), timeout=timeout,
+        )
+    except TimeoutError as exc:
+        raise AssertionError(f"relay {exc}") from None
 
 
-# The devstack broker's SASL_PLAINTEXT listener (devstack/devstack: client port + 2).
-SASL_USERNAME = "outbox"
-SASL_PASSWORD = "outbox-sasl-secret"
+# The devstack broker's SASL_PLAINTEXT listener, as `devstack/devstack env` prints it.
+_SASL = devstack.sasl_listener()
+SASL_USERNAME = _SASL.username
+SASL_PASSWORD = _SASL.password
 
 
 def sasl_bootstrap_servers(bootstrap_servers: str) -> str:
-    explicit = os.environ.get("OUTBOX_TEST_KAFKA_SASL_SERVERS")
-    if explicit:
-        return explicit
-    host, _, port = bootstrap_servers.split(",")[0].rpartition(":")
-    return f"{host}:{int(port) + 2}"
+    """The SASL listener of the broker the tests use: OUTBOX_TEST_KAFKA_SASL_SERVERS,
+    else the devstack's (the only broker here that has one)."""
+    return os.environ.get("OUTBOX_TEST_KAFKA_SASL_SERVERS") or _SASL.servers

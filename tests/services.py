@@ -6,12 +6,13 @@ Plain functions, no pytest fixtures: ``tests/conftest.py`` builds its fixtures o
 Each service is looked up once per process, in this order:
 
 1. an explicit address: ``OUTBOX_TEST_DATABASE_URL`` (a SQLAlchemy URL such as
-   ``postgresql+psycopg://outbox:outbox@127.0.0.1:54329/outbox``) and
+   ``postgresql+psycopg://USER:PASSWORD@HOST:PORT/DATABASE``) and
    ``OUTBOX_TEST_KAFKA_BOOTSTRAP_SERVERS`` (``host:port[,host:port...]``);
 2. testcontainers (``postgres:16`` and a KRaft Kafka), when a Docker engine
    answers a ping; the containers start once per process and stop at exit;
 3. the repository's devstack (``devstack/devstack up``, idempotent): a local
-   PostgreSQL on 127.0.0.1:54329 and a Kafka broker on 127.0.0.1:19092.
+   PostgreSQL and a Kafka broker, at the addresses ``devstack/devstack env``
+   prints (read by :mod:`harness.devstack`).
 
 ``OUTBOX_TEST_BACKEND=devstack`` skips the Docker probe, ``=docker`` insists on
 Docker (and fails without it); the default is ``auto``.
@@ -28,12 +29,13 @@ import atexit
 import contextlib
 import importlib
 import os
-import subprocess
 import threading
 import warnings
-from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
+
+from harness import devstack as _devstack
+from harness.devstack import DEVSTACK, REPO
 
 __all__ = [
     "DEVSTACK",
@@ -59,11 +61,6 @@ __all__ = [
     "stop_cluster",
     "stop_kafka",
 ]
-
-REPO: Path = Path(__file__).resolve().parent.parent
-"""The repository root."""
-DEVSTACK: Path = REPO / "devstack" / "devstack"
-"""The script that runs the local services."""
 
 Service = Literal["postgres", "kafka"]
 Backend = Literal["env", "docker", "devstack"]
@@ -93,30 +90,12 @@ class DevstackRequiredError(ServicesError):
 def devstack(*args: str, timeout: float = _DEVSTACK_TIMEOUT_S) -> str:
     """Run ``devstack/devstack ARGS...`` and return its standard output.
 
-    The script runs in its own session, so a Ctrl-C in the test run does not
-    reach the servers it starts. Raises :class:`ServicesError` with the
-    script's output when it fails.
+    Raises :class:`ServicesError` with the script's output when it fails.
     """
-    if not DEVSTACK.is_file():
-        raise ServicesError(f"{DEVSTACK} is missing")
     try:
-        proc = subprocess.run(
-            [str(DEVSTACK), *args],
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            start_new_session=True,
-            check=False,
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise ServicesError(f"devstack {' '.join(args)} did not finish in {timeout:.0f}s") from exc
-    if proc.returncode != 0:
-        raise ServicesError(
-            f"devstack {' '.join(args)} failed (exit {proc.returncode}):\n"
-            f"{proc.stdout}{proc.stderr}".rstrip()
-        )
-    return proc.stdout
+        return _devstack.run(*args, timeout=timeout)
+    except _devstack.DevstackError as exc:
+        raise ServicesError(str(exc)) from exc
 
 
 def devstack_env() -> dict[str, str]:
@@ -125,13 +104,10 @@ def devstack_env() -> dict[str, str]:
     Keys: ``OUTBOX_DATABASE_URL`` and ``OUTBOX_KAFKA_BOOTSTRAP_SERVERS``.
     Starts nothing.
     """
-    env: dict[str, str] = {}
-    for line in devstack("env", timeout=30).splitlines():
-        line = line.strip()
-        if line.startswith("export ") and "=" in line:
-            key, _, value = line[len("export ") :].partition("=")
-            env[key.strip()] = value.strip().strip("'\"")
-    return env
+    try:
+        return _devstack.env()
+    except _devstack.DevstackError as exc:
+        raise ServicesError(str(exc)) from exc
 
 
 # -------------------------------------------------------------------- docker --
@@ -340,6 +316,7 @@ def cluster_bootstrap_servers() -> str:
     servers. Topics there default to replication factor 3 and min.insync.replicas 2.
     Always the devstack (needs Java), whatever provides the single broker."""
     devstack("cluster-up")
+    # `devstack env` does not print the cluster's addresses; these are its node_port().
     return "127.0.0.1:19192,127.0.0.1:19292,127.0.0.1:19392"
 
 

@@ -17,16 +17,14 @@ invariant fails.
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import sys
 import threading
 from pathlib import Path
 
-from examples.payments.system import REPO, Outcome, PaymentsSystem
-
-DEVSTACK_DATABASE_URL = "postgresql+psycopg://outbox:outbox@127.0.0.1:54329/outbox"
-DEVSTACK_BOOTSTRAP_SERVERS = "127.0.0.1:19092"
+from examples.payments.system import Outcome, PaymentsSystem
+from harness import devstack
+from harness.devstack import REPO
 
 
 def run(
@@ -127,9 +125,9 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--workdir", type=Path, default=REPO / ".devstack" / "demo")
     args = parser.parse_args()
+    found = devstack.addresses()  # OUTBOX_* variables, else `devstack/devstack env`
     outcome, killed = run(
-        database_url=os.environ.get("OUTBOX_DATABASE_URL", DEVSTACK_DATABASE_URL),
-        bootstrap_servers=os.environ.get("OUTBOX_KAFKA_BOOTSTRAP_SERVERS", DEVSTACK_BOOTSTRAP_SERVERS),
+        database_url=found.database_url, bootstrap_servers=found.bootstrap_servers,
         payments=args.payments, workers=args.workers, kills=args.kills, seed=args.seed,
         rate=args.rate or None,
         workdir=args.workdir,

@@ -32,6 +32,14 @@ class PaymentError(Exception):
     """A payment cannot make the requested move."""
 
 
+class TransitionError(PaymentError):
+    """The payment's status does not allow the move; `status` is the one it has."""
+
+    def __init__(self, payment_id: uuid.UUID, status: str, to: str) -> None:
+        super().__init__(f"payment {payment_id} is {status}, cannot become {to}")
+        self.payment_id, self.status, self.to = payment_id, status, to
+
+
 @dataclass(frozen=True)
 class Payment:
     id: uuid.UUID
@@ -93,7 +101,7 @@ class PaymentService:
                 raise PaymentError(f"payment {payment_id} does not exist")
             event_type = TRANSITIONS.get(row.status, {}).get(to)
             if event_type is None:
-                raise PaymentError(f"payment {payment_id} is {row.status}, cannot become {to}")
+                raise TransitionError(payment_id, row.status, to)
             version = row.version + 1
             session.execute(
                 update(payment).where(payment.c.id == payment_id)

@@ -10,86 +10,39 @@ drive this; neither knows how a process is started or killed.
 from __future__ import annotations
 
 import json
-import os
 import random
-import signal
-import subprocess
 import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
+import psycopg
 from kafka.admin import KafkaAdminClient, NewTopic
 from sqlalchemy import Engine, create_engine, func, select, text
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from tenacity import retry, retry_if_exception, stop_after_delay, wait_fixed
 
 from examples.payments.invariants import Report, check
-from examples.payments.progress import Progress
 from examples.payments.schema import applied_event, create_tables, reset_tables
-from examples.payments.service import PaymentService
+from examples.payments.service import PaymentService, TransitionError
+from harness import procs
+from harness.procs import Child
+from harness.progress import bar as _bar
 from outbox import migrate
 from outbox.stats import outbox_stats
 
-REPO = Path(__file__).resolve().parents[2]
+T = TypeVar("T")
 
 
-class Process:
-    """One child process that may be killed, paused and restarted."""
-
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], log: Path) -> None:
-        self.name, self.argv, self.env, self.log = name, argv, env, log
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.lock = threading.Lock()
-        self.starts = 0
-
-    def start(self) -> None:
-        with self.lock, open(self.log, "ab") as out:
-            self.starts += 1
-            self.proc = subprocess.Popen(
-                self.argv_for_start(), env=self.env, stdout=out, stderr=subprocess.STDOUT,
-                cwd=REPO,
-            )
-
-    def argv_for_start(self) -> list[str]:
-        return self.argv
-
-    def kill(self) -> None:
-        with self.lock:
-            if self.proc and self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGKILL)
-                self.proc.wait()
-
-    def pause(self) -> None:
-        with self.lock:
-            if self.proc and self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGSTOP)
-
-    def resume(self) -> None:
-        with self.lock:
-            if self.proc and self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGCONT)
-
-    def stop(self) -> int:
-        with self.lock:
-            if self.proc is None:
-                return 0
-            if self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGCONT)  # a paused process cannot act on SIGTERM
-                self.proc.send_signal(signal.SIGTERM)
-                try:
-                    return self.proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    return self.proc.wait()
-            return self.proc.returncode
-
-
-class Ledger(Process):
+class Ledger(Child):
     """A ledger process; each start writes its consumer counters to a file of its own."""
 
     def __init__(self, name: str, argv: list[str], env: dict[str, str], log: Path) -> None:
-        super().__init__(name, argv, env, log)
+        super().__init__(name, argv, env, log=log)
         self.stats_files: list[Path] = []
 
     def argv_for_start(self) -> list[str]:
@@ -144,16 +97,9 @@ class PaymentsSystem:
         workdir.mkdir(parents=True, exist_ok=True)
         self.engine: Engine = create_engine(database_url, pool_size=8, max_overflow=8,
                                             pool_pre_ping=True)
-        env = {
-            **os.environ,
-            "OUTBOX_DATABASE_URL": database_url,
-            "OUTBOX_KAFKA_BOOTSTRAP_SERVERS": bootstrap_servers,
-            "PYTHONPATH": str(REPO),
-            **(relay_env or {}),
-        }
+        env = procs.child_env(database_url, bootstrap_servers, relay_env)
         self.relays = [
-            Process(f"relay-{i}", [sys.executable, "-m", "relay"], env, workdir / f"relay-{i}.log")
-            for i in range(relays)
+            procs.relay(f"relay-{i}", env, log=workdir / f"relay-{i}.log") for i in range(relays)
         ]
         ledger_argv = [sys.executable, "-m", "examples.payments.ledger",
                        "--topic", self.topic, "--group", self.group]
@@ -211,7 +157,7 @@ class PaymentsSystem:
         raise TimeoutError(f"relays and ledgers not ready within {timeout}s")
 
     def stop(self) -> dict[str, int]:
-        return {p.name: p.stop() for p in [*self.relays, *self.ledgers]}
+        return {p.name: p.stop().returncode for p in [*self.relays, *self.ledgers]}
 
     # -- load -----------------------------------------------------------------
 
@@ -222,7 +168,7 @@ class PaymentsSystem:
         """`count` payments from `workers` threads; `rate` payments/s in total, or as fast
         as possible. Each: create (5% retried with the same idempotency key),
         authorise (95%), capture (95% of those), refund (10% of captures)."""
-        bar = Progress("payments written", count) if progress else None
+        bar = _bar("payments written", count, unit="payment") if progress else None
         lock = threading.Lock()
         done = [0]
         errors: list[BaseException] = []
@@ -244,7 +190,7 @@ class PaymentsSystem:
                     done[0] += 1
                     self.retried_creates += int(retried)
                     if bar:
-                        bar.update(done[0])
+                        bar.reach(done[0])
 
         threads = [threading.Thread(target=work, args=(w,)) for w in range(workers)]
         for t in threads:
@@ -252,7 +198,7 @@ class PaymentsSystem:
         for t in threads:
             t.join()
         if bar:
-            bar.close(done[0])
+            bar.finish(done[0])
         if errors:
             raise errors[0]
 
@@ -268,11 +214,11 @@ class PaymentsSystem:
                 idempotency_key=key, merchant="x", amount_minor=1))
             assert again.id == p.id
         if rng.random() < 0.95:
-            _retry_db(lambda: service.authorise(p.id), already=("authorised",))
+            _move(lambda: service.authorise(p.id), already="authorised")
             if rng.random() < 0.95:
-                _retry_db(lambda: service.capture(p.id), already=("captured",))
+                _move(lambda: service.capture(p.id), already="captured")
                 if rng.random() < 0.1:
-                    _retry_db(lambda: service.refund(p.id), already=("refunded",))
+                    _move(lambda: service.refund(p.id), already="refunded")
         return retried
 
     # -- observation ----------------------------------------------------------
@@ -289,18 +235,18 @@ class PaymentsSystem:
     def wait_until_applied(self, *, timeout: float, progress: bool = True) -> bool:
         """Until the ledger applied every committed event (True) or `timeout` (False)."""
         committed = self.committed_events()
-        bar = Progress("ledger applied", committed) if progress else None
         deadline = time.monotonic() + timeout
-        applied = 0
-        while time.monotonic() < deadline:
+        applied = _retry_db(self.applied)
+        # Most events were applied while the payments were being written: the bar
+        # starts from them, so its rate counts only what it saw being applied.
+        bar = _bar("ledger applied", committed, initial=applied, unit="event") if progress else None
+        while applied < committed and time.monotonic() < deadline:
+            time.sleep(0.2)
             applied = _retry_db(self.applied)
             if bar:
-                bar.update(applied)
-            if applied >= committed:
-                break
-            time.sleep(0.2)
+                bar.reach(applied)
         if bar:
-            bar.close(applied)
+            bar.finish(applied)
         return applied >= committed
 
     def outcome(self) -> Outcome:
@@ -332,26 +278,29 @@ class PaymentsSystem:
         self.engine.dispose()
 
 
-def _retry_db(action, *, already: tuple[str, ...] = ()):  # type: ignore[no-untyped-def]
+def _connection_lost(exc: BaseException) -> bool:
+    """The errors a database restart or failover produces, told by type: a
+    dropped or refused connection, an administrator's shutdown, a server still
+    starting. Anything else (a constraint, a bug) is not retried."""
+    if isinstance(exc, DBAPIError):
+        return exc.connection_invalidated or isinstance(exc, OperationalError | InterfaceError)
+    return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
+
+
+@retry(retry=retry_if_exception(_connection_lost), wait=wait_fixed(0.2),
+       stop=stop_after_delay(60), reraise=True)
+def _retry_db(action: Callable[[], T]) -> T:
     """Run a payment API call the way a client would during a database restart:
-    retry on a dropped connection. A retried move that already happened (its
-    first attempt committed before the connection dropped) counts as done."""
-    from sqlalchemy.exc import DBAPIError
+    again every 0.2 s while the connection is lost, for up to a minute."""
+    return action()
 
-    from examples.payments.service import PaymentError
 
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            return action()
-        except PaymentError as exc:
-            if already and any(f"is {state}" in str(exc) for state in already):
-                return None
+def _move(action: Callable[[], object], *, already: str) -> None:
+    """A state move, retried like any call. If its first attempt committed just
+    before the connection dropped, the retry finds the payment `already` there:
+    that counts as done, not as an error."""
+    try:
+        _retry_db(action)
+    except TransitionError as exc:
+        if exc.status != already:
             raise
-        except DBAPIError as exc:
-            if not exc.connection_invalidated and "terminat" not in str(exc) \
-                    and "connection" not in str(exc).lower():
-                raise
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)

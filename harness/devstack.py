@@ -1,0 +1,104 @@
+"""The local services' addresses, read in one place: the `OUTBOX_*` environment,
+else what `devstack/devstack env` prints. Nothing here starts or stops a service.
+
+No port is spelled anywhere else in the tests, the benchmark or the demo; the
+devstack script is the one place that decides them (`OUTBOX_DEVSTACK_*_PORT`).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from outbox.config import safe_url
+
+REPO: Path = Path(__file__).resolve().parent.parent
+"""The repository root."""
+DEVSTACK: Path = REPO / "devstack" / "devstack"
+"""The script that runs the local services."""
+
+
+class DevstackError(RuntimeError):
+    """The devstack script is missing, failed, or did not finish in time."""
+
+
+def run(*args: str, timeout: float) -> str:
+    """Run ``devstack/devstack ARGS...`` and return its standard output.
+
+    The script runs in its own session, so a Ctrl-C in the caller does not
+    reach the servers it starts.
+    """
+    if not DEVSTACK.is_file():
+        raise DevstackError(f"{DEVSTACK} is missing")
+    try:
+        proc = subprocess.run(
+            [str(DEVSTACK), *args],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            start_new_session=True,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise DevstackError(f"devstack {' '.join(args)} did not finish in {timeout:.0f}s") from exc
+    if proc.returncode != 0:
+        raise DevstackError(
+            f"devstack {' '.join(args)} failed (exit {proc.returncode}):\n"
+            f"{proc.stdout}{proc.stderr}".rstrip()
+        )
+    return proc.stdout
+
+
+def env() -> dict[str, str]:
+    """The variables ``devstack/devstack env`` exports (``OUTBOX_DATABASE_URL``,
+    ``OUTBOX_KAFKA_BOOTSTRAP_SERVERS``, ``OUTBOX_DEVSTACK_KAFKA_SASL_*``)."""
+    found: dict[str, str] = {}
+    for line in run("env", timeout=30).splitlines():
+        line = line.strip()
+        if line.startswith("export ") and "=" in line:
+            key, _, value = line[len("export ") :].partition("=")
+            found[key.strip()] = value.strip().strip("'\"")
+    return found
+
+
+@dataclass(frozen=True)
+class Addresses:
+    database_url: str  # may hold a password: printed only through safe_url
+    bootstrap_servers: str
+
+    def __repr__(self) -> str:
+        return f"Addresses({safe_url(self.database_url)}, {self.bootstrap_servers})"
+
+
+def addresses() -> Addresses:
+    """Where the kit's processes should connect: ``OUTBOX_DATABASE_URL`` and
+    ``OUTBOX_KAFKA_BOOTSTRAP_SERVERS`` when set (`make demo` evals `devstack env`),
+    else the devstack's own addresses. The script is asked only for what is missing."""
+    database_url = os.environ.get("OUTBOX_DATABASE_URL", "").strip()
+    bootstrap_servers = os.environ.get("OUTBOX_KAFKA_BOOTSTRAP_SERVERS", "").strip()
+    if not (database_url and bootstrap_servers):
+        served = env()
+        database_url = database_url or served["OUTBOX_DATABASE_URL"]
+        bootstrap_servers = bootstrap_servers or served["OUTBOX_KAFKA_BOOTSTRAP_SERVERS"]
+    return Addresses(database_url, bootstrap_servers)
+
+
+@dataclass(frozen=True)
+class SaslListener:
+    """The devstack broker's SASL_PLAINTEXT listener and its PLAIN credentials."""
+
+    servers: str
+    username: str
+    password: str = field(repr=False)
+
+
+def sasl_listener() -> SaslListener:
+    served = env()
+    return SaslListener(
+        servers=served["OUTBOX_DEVSTACK_KAFKA_SASL_SERVERS"],
+        username=served["OUTBOX_DEVSTACK_KAFKA_SASL_USERNAME"],
+        password=served["OUTBOX_DEVSTACK_KAFKA_SASL_PASSWORD"],
+    )
