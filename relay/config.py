@@ -20,8 +20,7 @@ from outbox.config import (
     safe_url,
 )
 from outbox.errors import ConfigError
-
-PUBLISHERS = ("kafka-python", "confluent")
+from relay.publishers import PUBLISHERS
 
 
 def default_relay_id() -> str:

@@ -45,9 +45,9 @@ from outbox.errors import ConfigError, OutboxError, describe_error, first_line
 from outbox.failpoints import failpoint
 from relay import store
 from relay.config import RelayConfig
-from relay.kafka import KafkaPublisher
 from relay.leases import ShardLeases
 from relay.publisher import Checked, Delivery, Message, Publisher
+from relay.publishers import make_publisher
 
 log = logging.getLogger(__name__)
 
@@ -57,21 +57,6 @@ class BrokerUnavailable(Exception):
 
 
 RETRIABLE = (psycopg.OperationalError, psycopg.InterfaceError, BrokerUnavailable)
-
-
-def make_publisher(config: RelayConfig) -> Publisher:
-    """kafka-python by default (pure Python, nothing to compile); confluent-kafka
-    (librdkafka) when asked for, where kafka-python's own CPU cost is the limit."""
-    if config.publisher == "confluent":
-        try:
-            from relay.confluent import ConfluentPublisher
-        except ImportError:
-            raise ConfigError(
-                "OUTBOX_RELAY_PUBLISHER",
-                "confluent needs the confluent-kafka package: pip install 'outbox-kit[confluent]'",
-            ) from None
-        return ConfluentPublisher(config.bootstrap_servers, config.kafka)
-    return KafkaPublisher(config.bootstrap_servers, config.kafka)
 
 
 class Relay:

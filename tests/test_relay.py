@@ -409,3 +409,54 @@ def test_confluent_publisher_refuses_unsafe_settings() -> None:
 
     with pytest.raises(ConfigError):
         confluent_config("127.0.0.1:9092", {"acks": 1})
+
+
+def test_every_publisher_name_is_a_line_of_the_table_and_the_config_takes_exactly_those() -> None:
+    from relay.publishers import PUBLISHERS
+
+    assert set(PUBLISHERS) == {"kafka-python", "confluent"}
+    for name in PUBLISHERS:
+        RelayConfig(database_url="postgresql://x/y", bootstrap_servers="k:1", publisher=name)
+    with pytest.raises(ConfigError, match="kafka-python, confluent"):
+        RelayConfig(database_url="postgresql://x/y", bootstrap_servers="k:1", publisher="rabbit")
+
+
+def test_a_publisher_whose_client_is_not_installed_is_one_line_naming_the_setting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from relay import publishers
+
+    monkeypatch.setitem(
+        publishers.PUBLISHERS, "absent",
+        publishers.Transport("relay.no_such_transport:Publisher", "absent-client", "absent"),
+    )
+    config = RelayConfig(database_url="postgresql://x/y", bootstrap_servers="k:1", publisher="absent")
+    with pytest.raises(ConfigError) as raised:
+        publishers.make_publisher(config)
+    assert raised.value.field == "OUTBOX_RELAY_PUBLISHER"
+    assert str(raised.value) == (
+        "OUTBOX_RELAY_PUBLISHER: absent needs the absent-client package: "
+        "pip install 'outbox-kit[absent]'"
+    )
+
+
+def test_a_publisher_is_imported_only_when_a_relay_chooses_it() -> None:
+    """A third transport's client library stays optional: making and checking a
+    config imports no Kafka client, making the relay imports only the chosen one."""
+    import subprocess
+    import sys
+
+    from tests.kafka_helpers import REPO
+
+    script = (
+        "import sys\n"
+        "from relay.config import RelayConfig\n"
+        "from relay.publishers import make_publisher\n"
+        "config = RelayConfig(database_url='postgresql://x/y', bootstrap_servers='k:1')\n"
+        "clients = ('relay.kafka', 'relay.confluent', 'confluent_kafka')\n"
+        "assert not [m for m in clients if m in sys.modules], sys.modules\n"
+        "make_publisher(config).close()\n"
+        "assert 'relay.kafka' in sys.modules\n"
+        "assert 'relay.confluent' not in sys.modules and 'confluent_kafka' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", script], cwd=REPO, check=True, timeout=60)
