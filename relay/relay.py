@@ -38,8 +38,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import psycopg
-from tenacity import Retrying, retry_if_exception_type, wait_exponential, wait_random
+from tenacity import Retrying, retry_if_exception_type
 
+from outbox.backoff import backoff
 from outbox.envelope import HeaderEncoder
 from outbox.errors import ConfigError, OutboxError, describe_error, first_line
 from outbox.failpoints import failpoint
@@ -90,11 +91,7 @@ class Relay:
         log.info("relay starting: %s", self.config.describe())
         retrying = Retrying(
             retry=retry_if_exception_type(RETRIABLE),
-            # Exponential from backoff_initial, capped at backoff_max, plus up to one
-            # initial step of jitter so relays restarted together do not retry in lockstep.
-            wait=wait_exponential(
-                multiplier=self.config.backoff_initial, max=self.config.backoff_max
-            ) + wait_random(0, self.config.backoff_initial),
+            wait=backoff(self.config.backoff_initial, self.config.backoff_max),
             stop=lambda _state: self._stopping.is_set(),
             sleep=self._backoff_sleep,
             before_sleep=self._log_retry,

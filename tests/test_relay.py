@@ -460,3 +460,17 @@ def test_a_publisher_is_imported_only_when_a_relay_chooses_it() -> None:
         "assert 'relay.confluent' not in sys.modules and 'confluent_kafka' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", script], cwd=REPO, check=True, timeout=60)
+
+
+def test_the_backoff_curve_doubles_from_base_up_to_cap_with_at_most_base_of_jitter() -> None:
+    from tenacity import RetryCallState, Retrying
+
+    from outbox.backoff import backoff
+
+    wait = backoff(0.2, 1.0)
+    state = RetryCallState(retry_object=Retrying(), fn=None, args=(), kwargs={})
+    for attempt, steady in [(1, 0.2), (2, 0.4), (3, 0.8), (4, 1.0), (30, 1.0)]:
+        state.attempt_number = attempt
+        waits = [wait(state) for _ in range(200)]
+        assert all(steady <= w <= steady + 0.2 for w in waits), (attempt, min(waits), max(waits))
+        assert max(waits) - min(waits) > 0.05  # jittered: relays restarted together drift apart
