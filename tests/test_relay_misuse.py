@@ -445,3 +445,31 @@ def test_relay_settings_from_the_environment_and_keywords_the_keywords_winning()
         RelayConfig.from_env({"OUTBOX_KAFKA_BOOTSTRAP_SERVERS": "k:9092"})
     with pytest.raises(TypeError, match="batchsize"):  # a misspelt keyword is not dropped in silence
         RelayConfig.from_env(_BASE_ENV, batchsize=3)
+
+
+def test_the_command_line_runs_db_commands_without_importing_the_relay_daemon() -> None:
+    """`outbox db upgrade` used to import relay.daemon (and with it the relay loop,
+    psycopg's relay store and kafka-python) just to build its parser."""
+    import subprocess
+    import sys
+
+    from tests.kafka_helpers import REPO
+
+    script = (
+        "import sys\n"
+        "import outbox\n"  # what the package itself loads is not the command line's doing
+        "before = set(sys.modules)\n"
+        "from outbox import cli\n"
+        "args = cli.build_parser().parse_args(['db', 'upgrade', '--sql'])\n"
+        "assert args.command is cli.db_upgrade\n"
+        "assert cli.main(['db', 'history']) == 0\n"
+        "loaded = set(sys.modules) - before\n"
+        "heavy = [m for m in loaded if m.split('.')[0] in ('kafka', 'confluent_kafka')\n"
+        "         or m in ('relay.relay', 'relay.daemon', 'relay.kafka', 'relay.confluent',\n"
+        "                  'relay.store', 'relay.leases')]\n"
+        "assert not heavy, sorted(heavy)\n"
+        "assert 'relay.relay' not in sys.modules and 'relay.daemon' not in sys.modules\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
