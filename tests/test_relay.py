@@ -474,3 +474,35 @@ def test_the_backoff_curve_doubles_from_base_up_to_cap_with_at_most_base_of_jitt
         waits = [wait(state) for _ in range(200)]
         assert all(steady <= w <= steady + 0.2 for w in waits), (attempt, min(waits), max(waits))
         assert max(waits) - min(waits) > 0.05  # jittered: relays restarted together drift apart
+
+
+def test_the_relay_statements_take_their_table_names_from_the_schema() -> None:
+    """One home for table names: a table renamed in outbox/schema.py is renamed in
+    every relay statement, and no string in relay/store.py spells one again."""
+    import ast
+    import re
+
+    from outbox.schema import metadata
+    from relay import store
+
+    tables = {t.name for t in metadata.tables.values()}
+    tree = ast.parse(Path(store.__file__).read_text())
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef))
+                  and node.body and isinstance(node.body[0], ast.Expr)}
+    spelled = [node.value for node in ast.walk(tree)
+               if isinstance(node, ast.Constant) and isinstance(node.value, str)
+               and id(node) not in docstrings
+               and tables & set(re.findall(r"\w+", node.value))]
+    assert spelled == []
+    assert set(store._TABLES) <= tables and f"FROM {store.EVENT}\n" in store._FETCH_SHARDS
+
+
+def test_the_version_table_has_one_name_for_the_cli_and_for_plain_alembic() -> None:
+    """`outbox db ...` and `alembic -c alembic.ini` must record the revision in the
+    same table, or each would think the other's database is unmigrated."""
+    from outbox import migrate, schema
+
+    assert migrate.VERSION_TABLE is schema.VERSION_TABLE
+    env_py = (Path(migrate.__file__).parent.parent / "migrations" / "env.py").read_text()
+    assert "from outbox.schema import VERSION_TABLE" in env_py and schema.VERSION_TABLE not in env_py
