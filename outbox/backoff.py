@@ -1,4 +1,5 @@
-"""The kit's one backoff curve for waiting out an outage (relay and consumer).
+"""The kit's one backoff curve for waiting out an outage (relay and consumer),
+and what a retry log line needs to know about the attempt that failed.
 
 Kept apart from any loop so that the relay, the consumer and whatever comes
 next (metrics push, another broker) wait the same way, and so that the
@@ -7,7 +8,7 @@ curve can be tested without waiting.
 
 from __future__ import annotations
 
-from tenacity import wait_exponential, wait_random
+from tenacity import RetryCallState, wait_exponential, wait_random
 from tenacity.wait import wait_base
 
 
@@ -22,3 +23,10 @@ def backoff(base: float, cap: float) -> wait_base:
     """
     # tenacity deprecates wait_exponential_jitter(initial=...); this is the same curve.
     return wait_exponential(multiplier=base, max=cap) + wait_random(0, base)
+
+
+def next_retry(state: RetryCallState) -> tuple[BaseException | None, float]:
+    """For a tenacity `before_sleep=` hook: the exception the failed attempt
+    raised (None if it returned) and the seconds until the next attempt."""
+    exc = state.outcome.exception() if state.outcome is not None else None
+    return exc, state.next_action.sleep if state.next_action is not None else 0.0

@@ -38,9 +38,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import psycopg
-from tenacity import Retrying, retry_if_exception_type
+from tenacity import RetryCallState, Retrying, retry_if_exception_type
 
-from outbox.backoff import backoff
+from outbox.backoff import backoff, next_retry
 from outbox.envelope import HeaderEncoder
 from outbox.errors import ConfigError, OutboxError, describe_error, first_line
 from outbox.failpoints import failpoint
@@ -288,9 +288,8 @@ class Relay:
     def _backoff_sleep(self, seconds: float) -> None:
         self._sleep(seconds)
 
-    def _log_retry(self, state: Any) -> None:
-        exc = state.outcome.exception() if state.outcome else None
-        wait = state.next_action.sleep if state.next_action else 0.0
+    def _log_retry(self, state: RetryCallState) -> None:
+        exc, wait = next_retry(state)
         cause = f"{type(exc).__name__}: {first_line(exc)}"
         # Once per cause: an outage or a rotated password is one line, and one
         # more when it is over, not a line per retry.

@@ -506,3 +506,25 @@ def test_the_version_table_has_one_name_for_the_cli_and_for_plain_alembic() -> N
     assert migrate.VERSION_TABLE is schema.VERSION_TABLE
     env_py = (Path(migrate.__file__).parent.parent / "migrations" / "env.py").read_text()
     assert "from outbox.schema import VERSION_TABLE" in env_py and schema.VERSION_TABLE not in env_py
+
+
+def test_a_retry_log_line_sees_the_failure_and_the_wait_that_follows_it() -> None:
+    from tenacity import Retrying, stop_after_attempt
+
+    from outbox.backoff import backoff, next_retry
+
+    slept: list[float] = []
+    seen: list[tuple[BaseException | None, float]] = []
+    calls = iter([OSError("broker down"), OSError("still down"), None])
+
+    def flaky() -> str:
+        failure = next(calls)
+        if failure is not None:
+            raise failure
+        return "ok"
+
+    retrying = Retrying(wait=backoff(0.2, 1.0), stop=stop_after_attempt(5), sleep=slept.append,
+                        before_sleep=lambda state: seen.append(next_retry(state)), reraise=True)
+    assert retrying(flaky) == "ok"
+    assert [str(exc) for exc, _ in seen] == ["broker down", "still down"]
+    assert [wait for _, wait in seen] == slept and 0.2 <= slept[0] <= 0.4 <= slept[1] <= 0.6
