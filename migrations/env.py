@@ -23,9 +23,8 @@ from alembic import context
 from sqlalchemy import Connection, create_engine, pool, text
 
 from outbox.config import database_url
-from outbox.schema import metadata
+from outbox.schema import VERSION_TABLE, metadata
 
-VERSION_TABLE = "outbox_alembic_version"
 # pg_advisory_xact_lock(namespace, key) for migrations. A namespace of its own
 # ("outm"), so it never meets the commit trigger's key locks ("outb") nor a
 # host application's locks.

@@ -1,6 +1,8 @@
 """The `outbox` command. `main` only parses and dispatches; each command is a
 plain function over the library (`outbox.migrate`, `outbox.stats`,
-`outbox.parked`, `outbox.dead_letters`, `relay.daemon`).
+`outbox.parked`, `outbox.dead_letters`, `relay.daemon`). Each command's
+module is imported when that command runs, so `outbox db upgrade` never
+loads the relay daemon (its options come from the light `relay.options`).
 
 Whatever goes wrong ends in one line on stderr, never a traceback, and never
 a secret (database URLs and `password=` pairs are masked, and an argument
@@ -167,7 +169,9 @@ def build_parser() -> Parser:
         "exit 1 unless the database matches the kit's models, commit trigger included", db_check,
     )
 
-    from relay.daemon import add_arguments
+    # relay.options, not relay.daemon: building the parser for `outbox db upgrade`
+    # must not import the relay loop and a Kafka client.
+    from relay.options import add_arguments
 
     add_arguments(command(commands, "relay", "run the relay daemon (publish to Kafka)", run_relay))
 

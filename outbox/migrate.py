@@ -35,8 +35,8 @@ from sqlalchemy import Connection, create_engine, text
 
 from outbox.config import DATABASE_URL_ENV, database_url, safe_url
 from outbox.errors import OutboxError, SchemaError, first_line
+from outbox.schema import VERSION_TABLE
 
-VERSION_TABLE = "outbox_alembic_version"
 HEAD = "outbox@head"
 # The config attribute (and `-x force=true` for plain `alembic`) that lets a
 # downgrade drop tables that still hold rows.

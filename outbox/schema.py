@@ -68,6 +68,9 @@ SHARDS = 16
 
 NOTIFY_CHANNEL = "outbox_event"
 PUBLISHED_COUNTER = "published"
+# Alembic's record of the kit's revision, apart from a host application's own
+# alembic_version (outbox.migrate and migrations/env.py both read it here).
+VERSION_TABLE = "outbox_alembic_version"
 
 write_seq = Sequence("outbox_event_write_seq", metadata=metadata)
 position_seq = Sequence("outbox_event_position_seq", metadata=metadata)

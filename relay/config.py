@@ -6,22 +6,21 @@ import os
 import socket
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from outbox.config import (
+    BOOTSTRAP_SERVERS_ENV,
+    DATABASE_URL_ENV,
     bootstrap_servers,
     database_url,
-    env_bool,
-    env_float,
-    env_int,
     kafka_client_config,
     safe_kafka_config,
     safe_url,
+    settings_from_env,
 )
 from outbox.errors import ConfigError
-
-PUBLISHERS = ("kafka-python", "confluent")
+from relay.publishers import PUBLISHERS
 
 
 def default_relay_id() -> str:
@@ -37,8 +36,10 @@ class RelayConfig:
     ...             bootstrap_servers="kafka-1:9092", batch_size=1000)  # doctest: +SKIP
     """
 
-    database_url: str  # OUTBOX_DATABASE_URL
-    bootstrap_servers: str  # OUTBOX_KAFKA_BOOTSTRAP_SERVERS
+    # Read by their own functions (checked, normalised, the password registered
+    # as a secret), not by the generic reader: see from_env.
+    database_url: str = field(metadata={"env": DATABASE_URL_ENV})  # OUTBOX_DATABASE_URL
+    bootstrap_servers: str = field(metadata={"env": BOOTSTRAP_SERVERS_ENV})  # OUTBOX_KAFKA_BOOTSTRAP_SERVERS
     source: str = "outbox-relay"  # OUTBOX_RELAY_SOURCE: the CloudEvents `source` attribute
     batch_size: int = 500  # OUTBOX_RELAY_BATCH_SIZE: events per fetch/publish/delete round, 1..10000
     poll_interval: float = 1.0  # OUTBOX_RELAY_POLL_INTERVAL: seconds between polls when no NOTIFY arrives
@@ -48,9 +49,13 @@ class RelayConfig:
     backoff_initial: float = 0.2  # OUTBOX_RELAY_BACKOFF_INITIAL: first wait after an outage, seconds
     backoff_max: float = 10.0  # OUTBOX_RELAY_BACKOFF_MAX: longest wait between retries, seconds
     lease_ttl: float = 3.0  # OUTBOX_RELAY_LEASE_TTL: seconds a shard lease lasts unrenewed (failover time)
-    relay_id: str = field(default_factory=default_relay_id)  # OUTBOX_RELAY_ID: unique per process
+    relay_id: str = field(  # OUTBOX_RELAY_ID: unique per process
+        default_factory=default_relay_id, metadata={"env": "OUTBOX_RELAY_ID"}
+    )
     publisher: str = "kafka-python"  # OUTBOX_RELAY_PUBLISHER: kafka-python | confluent (needs the extra)
-    kafka: Mapping[str, Any] = field(default_factory=dict)  # OUTBOX_KAFKA_*: producer pass-through
+    kafka: Mapping[str, Any] = field(  # OUTBOX_KAFKA_*: producer pass-through
+        default_factory=dict, metadata={"env": None}
+    )
 
     def __post_init__(self) -> None:
         if not 1 <= self.batch_size <= 10_000:
@@ -78,26 +83,19 @@ class RelayConfig:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> RelayConfig:
-        """Settings from OUTBOX_* variables; keyword arguments win."""
+        """Settings from OUTBOX_RELAY_* (and the shared OUTBOX_*) variables; keyword
+        arguments that are not None win. An error names the variable it came from."""
         env = os.environ if env is None else env
-        values: dict[str, Any] = {
-            "database_url": database_url(overrides.pop("database_url", None), env),
-            "bootstrap_servers": bootstrap_servers(overrides.pop("bootstrap_servers", None), env),
-            "source": env.get("OUTBOX_RELAY_SOURCE", cls.source),
-            "batch_size": env_int("OUTBOX_RELAY_BATCH_SIZE", cls.batch_size, env),
-            "poll_interval": env_float("OUTBOX_RELAY_POLL_INTERVAL", cls.poll_interval, env),
-            "listen": env_bool("OUTBOX_RELAY_LISTEN", cls.listen, env),
-            "max_attempts": env_int("OUTBOX_RELAY_MAX_ATTEMPTS", cls.max_attempts, env),
-            "linger_ms": env_int("OUTBOX_RELAY_LINGER_MS", cls.linger_ms, env),
-            "backoff_initial": env_float("OUTBOX_RELAY_BACKOFF_INITIAL", cls.backoff_initial, env),
-            "backoff_max": env_float("OUTBOX_RELAY_BACKOFF_MAX", cls.backoff_max, env),
-            "lease_ttl": env_float("OUTBOX_RELAY_LEASE_TTL", cls.lease_ttl, env),
-            "relay_id": env.get("OUTBOX_RELAY_ID") or default_relay_id(),
-            "publisher": env.get("OUTBOX_RELAY_PUBLISHER", cls.publisher),
-            "kafka": kafka_client_config(env),
-        }
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
+        unknown = set(overrides) - {f.name for f in fields(cls)}
+        if unknown:  # the generic reader would skip a misspelt keyword in silence
+            raise TypeError(f"RelayConfig.from_env() got unknown settings: {', '.join(sorted(unknown))}")
+        url = database_url(overrides.get("database_url"), env)
+        servers = bootstrap_servers(overrides.get("bootstrap_servers"), env)
+        kafka = kafka_client_config(env)  # read (and refused if wrong) even when `kafka` is given
+        return settings_from_env(cls, "OUTBOX_RELAY_", env, **{
+            **overrides, "database_url": url, "bootstrap_servers": servers,
+            "kafka": kafka if overrides.get("kafka") is None else overrides["kafka"],
+        })
 
     def describe(self) -> str:
         """One log line, secrets masked."""

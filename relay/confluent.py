@@ -33,10 +33,8 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 
 from outbox.config import safe_kafka_config
 from outbox.errors import ConfigError
-from relay.publisher import (
-    ACKNOWLEDGED,
-    Delivery,
-    Message,
+from relay.publisher import ACKNOWLEDGED, Delivery, Message
+from relay.sending import (
     every_outcome,
     flush_timeout,
     refused_login,

@@ -19,6 +19,7 @@ from types import FrameType
 from outbox.errors import OutboxError
 from outbox.kafka_logging import protect_kafka_logs
 from relay.config import RelayConfig
+from relay.options import add_arguments
 from relay.relay import Relay
 
 log = logging.getLogger("relay")
@@ -33,23 +34,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     add_arguments(parser)
     return run(apply_shared_defaults(parser.parse_args(argv), log_level="INFO"))
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The relay's own options. `--database-url` and `--log-level` are shared
-    by every command and come from `outbox.cli.shared_options()`, which the
-    caller attaches as a parent parser (so they work on either side of `relay`)."""
-    from outbox.cli import positive_float, positive_int
-
-    parser.add_argument("--bootstrap-servers", help="default: $OUTBOX_KAFKA_BOOTSTRAP_SERVERS")
-    parser.add_argument(
-        "--batch-size", type=positive_int, help="default: $OUTBOX_RELAY_BATCH_SIZE or 500"
-    )
-    parser.add_argument(
-        "--poll-interval", type=positive_float,
-        help="seconds; default: $OUTBOX_RELAY_POLL_INTERVAL or 1.0",
-    )
-    parser.add_argument("--source", help="CloudEvents source; default: $OUTBOX_RELAY_SOURCE")
 
 
 def run(args: argparse.Namespace) -> int:

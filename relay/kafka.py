@@ -26,10 +26,8 @@ from kafka.admin import KafkaAdminClient
 
 from outbox.config import is_secret, safe_kafka_config
 from outbox.errors import ConfigError
-from relay.publisher import (
-    ACKNOWLEDGED,
-    Delivery,
-    Message,
+from relay.publisher import ACKNOWLEDGED, Delivery, Message
+from relay.sending import (
     every_outcome,
     flush_timeout,
     refused_login,

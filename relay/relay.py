@@ -38,16 +38,17 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import psycopg
-from tenacity import Retrying, retry_if_exception_type, wait_exponential, wait_random
+from tenacity import RetryCallState, Retrying, retry_if_exception_type
 
+from outbox.backoff import backoff, next_retry
 from outbox.envelope import HeaderEncoder
 from outbox.errors import ConfigError, OutboxError, describe_error, first_line
 from outbox.failpoints import failpoint
 from relay import store
 from relay.config import RelayConfig
-from relay.kafka import KafkaPublisher
 from relay.leases import ShardLeases
 from relay.publisher import Checked, Delivery, Message, Publisher
+from relay.publishers import make_publisher
 
 log = logging.getLogger(__name__)
 
@@ -57,21 +58,6 @@ class BrokerUnavailable(Exception):
 
 
 RETRIABLE = (psycopg.OperationalError, psycopg.InterfaceError, BrokerUnavailable)
-
-
-def make_publisher(config: RelayConfig) -> Publisher:
-    """kafka-python by default (pure Python, nothing to compile); confluent-kafka
-    (librdkafka) when asked for, where kafka-python's own CPU cost is the limit."""
-    if config.publisher == "confluent":
-        try:
-            from relay.confluent import ConfluentPublisher
-        except ImportError:
-            raise ConfigError(
-                "OUTBOX_RELAY_PUBLISHER",
-                "confluent needs the confluent-kafka package: pip install 'outbox-kit[confluent]'",
-            ) from None
-        return ConfluentPublisher(config.bootstrap_servers, config.kafka)
-    return KafkaPublisher(config.bootstrap_servers, config.kafka)
 
 
 class Relay:
@@ -105,11 +91,7 @@ class Relay:
         log.info("relay starting: %s", self.config.describe())
         retrying = Retrying(
             retry=retry_if_exception_type(RETRIABLE),
-            # Exponential from backoff_initial, capped at backoff_max, plus up to one
-            # initial step of jitter so relays restarted together do not retry in lockstep.
-            wait=wait_exponential(
-                multiplier=self.config.backoff_initial, max=self.config.backoff_max
-            ) + wait_random(0, self.config.backoff_initial),
+            wait=backoff(self.config.backoff_initial, self.config.backoff_max),
             stop=lambda _state: self._stopping.is_set(),
             sleep=self._backoff_sleep,
             before_sleep=self._log_retry,
@@ -306,9 +288,8 @@ class Relay:
     def _backoff_sleep(self, seconds: float) -> None:
         self._sleep(seconds)
 
-    def _log_retry(self, state: Any) -> None:
-        exc = state.outcome.exception() if state.outcome else None
-        wait = state.next_action.sleep if state.next_action else 0.0
+    def _log_retry(self, state: RetryCallState) -> None:
+        exc, wait = next_retry(state)
         cause = f"{type(exc).__name__}: {first_line(exc)}"
         # Once per cause: an outage or a rotated password is one line, and one
         # more when it is over, not a line per retry.

@@ -17,24 +17,38 @@ from sqlalchemy.engine import make_url
 
 from outbox.config import safe_url
 from outbox.errors import SchemaError, first_line
-from outbox.schema import NOTIFY_CHANNEL, PUBLISHED_COUNTER
+from outbox.schema import (
+    NOTIFY_CHANNEL,
+    PUBLISHED_COUNTER,
+    outbox_counter,
+    outbox_event,
+    outbox_parked,
+    outbox_relay_lease,
+    outbox_relay_member,
+)
 
 log = logging.getLogger(__name__)
 
-_RECORD_FAILURE = """
-UPDATE outbox_event SET attempts = attempts + 1, last_error = %s
+# The tables' names come from outbox/schema.py and are spelled into each
+# statement once, here at import: the statements stay plain strings, so a
+# round costs the same as with the names written out.
+EVENT, PARKED, COUNTER = outbox_event.name, outbox_parked.name, outbox_counter.name
+LEASE, MEMBER = outbox_relay_lease.name, outbox_relay_member.name
+
+_RECORD_FAILURE = f"""
+UPDATE {EVENT} SET attempts = attempts + 1, last_error = %s
 WHERE id = %s::uuid
 RETURNING attempts
 """
 
-_PARK = """
+_PARK = f"""
 WITH parked AS (
-    DELETE FROM outbox_event WHERE id = %s::uuid
+    DELETE FROM {EVENT} WHERE id = %s::uuid
     RETURNING id, topic, key, type, payload, content_type, headers, created_at, position,
               attempts, last_error
 )
-INSERT INTO outbox_parked (id, topic, key, type, payload, content_type, headers, created_at,
-                           position, attempts, error)
+INSERT INTO {PARKED} (id, topic, key, type, payload, content_type, headers, created_at,
+                      position, attempts, error)
 SELECT id, topic, key, type, payload, content_type, headers, created_at, position,
        attempts, coalesce(last_error, 'unknown')
 FROM parked
@@ -118,7 +132,7 @@ def misconfiguration(exc: psycopg.Error, database_url: str) -> str | None:
     return None
 
 
-_TABLES = ("outbox_event", "outbox_parked", "outbox_counter", "outbox_relay_lease", "outbox_relay_member")
+_TABLES = (EVENT, PARKED, COUNTER, LEASE, MEMBER)
 _MISSING_TABLES = "SELECT t FROM unnest(%s::text[]) AS t WHERE to_regclass(t) IS NULL"
 
 
@@ -160,34 +174,34 @@ def park(conn: psycopg.Connection[Any], event_id: str) -> None:
 
 # -- shard leases (relay/leases.py) ------------------------------------------
 
-_HEARTBEAT = """
-INSERT INTO outbox_relay_member (relay_id, heartbeat_at, started_at)
+_HEARTBEAT = f"""
+INSERT INTO {MEMBER} (relay_id, heartbeat_at, started_at)
 VALUES (%(me)s, now(), now())
 ON CONFLICT (relay_id) DO UPDATE SET heartbeat_at = now()
 """
 
-_FORGET_DEAD_MEMBERS = """
-DELETE FROM outbox_relay_member WHERE heartbeat_at < now() - make_interval(secs => %(ttl)s)
+_FORGET_DEAD_MEMBERS = f"""
+DELETE FROM {MEMBER} WHERE heartbeat_at < now() - make_interval(secs => %(ttl)s)
 """
 
-_LIVE_MEMBERS = "SELECT count(*) FROM outbox_relay_member"
+_LIVE_MEMBERS = f"SELECT count(*) FROM {MEMBER}"
 
-_RENEW = """
-UPDATE outbox_relay_lease SET expires_at = now() + make_interval(secs => %(ttl)s)
+_RENEW = f"""
+UPDATE {LEASE} SET expires_at = now() + make_interval(secs => %(ttl)s)
 WHERE owner = %(me)s AND expires_at > now()
 RETURNING shard, epoch
 """
 
-_RELEASE = """
-UPDATE outbox_relay_lease SET owner = NULL, expires_at = NULL
+_RELEASE = f"""
+UPDATE {LEASE} SET owner = NULL, expires_at = NULL
 WHERE owner = %(me)s AND shard = ANY(%(shards)s)
 """
 
-_CLAIM = """
-UPDATE outbox_relay_lease SET owner = %(me)s, epoch = epoch + 1,
+_CLAIM = f"""
+UPDATE {LEASE} SET owner = %(me)s, epoch = epoch + 1,
        expires_at = now() + make_interval(secs => %(ttl)s)
 WHERE shard IN (
-    SELECT shard FROM outbox_relay_lease
+    SELECT shard FROM {LEASE}
     WHERE owner IS NULL OR expires_at IS NULL OR expires_at <= now()
     ORDER BY shard
     LIMIT %(wanted)s
@@ -196,7 +210,7 @@ WHERE shard IN (
 RETURNING shard, epoch
 """
 
-_LEAVE = "DELETE FROM outbox_relay_member WHERE relay_id = %(me)s"
+_LEAVE = f"DELETE FROM {MEMBER} WHERE relay_id = %(me)s"
 
 # Held by the lease connection for the relay's life: a second live process
 # with the same relay id cannot take it. Session-level, so it goes with the
@@ -209,19 +223,19 @@ _LOCK_RELAY_ID = "SELECT pg_try_advisory_lock(hashtextextended('outbox-relay-id:
 # comma-separated string: psycopg dumps a list element by element in Python
 # (about 1.4 ms for a batch of 500, on the relay's one busy thread), a join
 # takes microseconds, and canonical UUID text has no commas.
-_DELETE_PUBLISHED_FENCED = """
+_DELETE_PUBLISHED_FENCED = f"""
 WITH held AS (
-    SELECT l.shard FROM outbox_relay_lease l
+    SELECT l.shard FROM {LEASE} l
     JOIN unnest(%(shards)s::smallint[], %(epochs)s::bigint[]) AS mine(shard, epoch)
       ON mine.shard = l.shard AND mine.epoch = l.epoch
     WHERE l.owner = %(me)s AND l.expires_at > now()
     FOR SHARE OF l
 ), published AS (
-    DELETE FROM outbox_event
+    DELETE FROM {EVENT}
     WHERE id = ANY(string_to_array(%(ids)s, ',')::uuid[]) AND shard IN (SELECT shard FROM held)
     RETURNING shard
 ), counted AS (
-    UPDATE outbox_counter SET value = value + (SELECT count(*) FROM published)
+    UPDATE {COUNTER} SET value = value + (SELECT count(*) FROM published)
     WHERE name = %(counter)s
 )
 SELECT shard, count(*) FROM published GROUP BY shard
@@ -230,10 +244,10 @@ SELECT shard, count(*) FROM published GROUP BY shard
 # The columns of `Row`, in its order. to_char matches format_time's
 # isoformat(timespec="microseconds") to the character, whatever the session's
 # TimeZone; tests/test_relay.py checks that they agree.
-_FETCH_SHARDS = """
+_FETCH_SHARDS = f"""
 SELECT id::text, topic, key, type, payload, content_type, headers::text,
        to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')
-FROM outbox_event
+FROM {EVENT}
 WHERE position IS NOT NULL AND shard = ANY(%s)
 ORDER BY position
 LIMIT %s

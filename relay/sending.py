@@ -1,0 +1,136 @@
+"""What the Kafka publishers share to keep the `relay.publisher` contract.
+
+Both `relay/kafka.py` and `relay/confluent.py` send a batch through
+`send_in_key_order` (a refused message holds back the rest of its key),
+bound their wait with `flush_timeout`, fill in `every_outcome`, refuse
+unsafe producer settings with `require_safe_delivery`, and turn a refused
+login or handshake into one `ConfigError`. Every error here names the
+OUTBOX_KAFKA_* variable to change, whatever the client calls the setting,
+and passes the client's text through `scrub` first: no secret leaves here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Mapping, Sequence
+from typing import Any
+
+from outbox.config import is_secret
+from outbox.errors import ConfigError, mask_secrets
+from relay.publisher import Delivery, Message
+
+HELD_BACK = Delivery(False, "held back behind a failed event of its key", attempted=False)
+
+
+def missing_topic(topic: str) -> Delivery:
+    """The outcome for a message whose topic the broker answered does not exist:
+    the event's own failure (counted, parked at max_attempts), never an outage."""
+    return Delivery(
+        False,
+        f"UnknownTopic: topic {topic!r} does not exist on the broker (and it does not create "
+        "topics on first use); create it, then replay the parked events: outbox parked replay",
+        retriable=False,
+    )
+
+
+SASL_SETTINGS = ("OUTBOX_KAFKA_SECURITY_PROTOCOL, OUTBOX_KAFKA_SASL_MECHANISM, "
+                 "OUTBOX_KAFKA_SASL_PLAIN_USERNAME, OUTBOX_KAFKA_SASL_PLAIN_PASSWORD")
+SSL_SETTINGS = "OUTBOX_KAFKA_SECURITY_PROTOCOL, OUTBOX_KAFKA_SSL_CAFILE, OUTBOX_KAFKA_SSL_*"
+
+
+def refused_login(detail: str) -> ConfigError:
+    return ConfigError(
+        "OUTBOX_KAFKA_SASL_PLAIN_PASSWORD",
+        f"the broker refused the SASL login ({detail}); check {SASL_SETTINGS}",
+    )
+
+
+def refused_tls(detail: str) -> ConfigError:
+    return ConfigError(
+        "OUTBOX_KAFKA_SSL_CAFILE", f"the TLS handshake with the broker failed ({detail}); check {SSL_SETTINGS}"
+    )
+
+
+def scrub(text: str, config: Mapping[str, Any]) -> str:
+    """A client's error text with the values of secret settings masked as well."""
+    for name, value in config.items():
+        if is_secret(name) and isinstance(value, str) and value:
+            text = text.replace(value, "***")
+    return mask_secrets(text)
+
+
+def require_safe_delivery(*, acks: object, idempotence: object, in_flight: object, retries: object) -> None:
+    """Refuse producer settings that would break the promises of `relay.publisher`.
+
+    Every implementation calls this with its client's values; the errors name
+    the OUTBOX_KAFKA_* variable to change, whatever the client calls it.
+    """
+    if str(acks) not in ("all", "-1"):
+        raise ConfigError(
+            "OUTBOX_KAFKA_ACKS", f"{acks!r} can lose acknowledged events; the relay needs 'all'"
+        )
+    if idempotence is not True:
+        raise ConfigError(
+            "OUTBOX_KAFKA_ENABLE_IDEMPOTENCE",
+            "must stay true: without it producer retries duplicate and reorder events",
+        )
+    if not isinstance(in_flight, int) or not 1 <= in_flight <= 5:
+        raise ConfigError(
+            "OUTBOX_KAFKA_MAX_IN_FLIGHT_REQUESTS_PER_CONNECTION",
+            f"{in_flight!r} is out of range 1..5; more breaks per-key order",
+        )
+    if retries == 0:
+        raise ConfigError("OUTBOX_KAFKA_RETRIES", "0 disables the idempotent producer's retries")
+
+
+def send_in_key_order(
+    messages: Sequence[Message],
+    send: Callable[[int, Message], object],
+    refused: Callable[[Exception], Delivery | None],
+    missing: Collection[str] = (),
+) -> list[Delivery | None]:
+    """Hand each message (with its index) to a client's `send`, in order.
+
+    Returns the outcomes known at once, None for messages the client took. A
+    message the client refuses before taking it (too large, bad topic, no
+    metadata in time) fails alone, and every later message of its key is
+    held back, so none overtakes it; other keys go on. `refused` turns the
+    client's exception into the message's `Delivery`, or returns None when
+    the exception means the client itself is broken: that one propagates.
+    A message for a topic in `missing` is not sent: it fails as `missing_topic`.
+    """
+    results: list[Delivery | None] = [None] * len(messages)
+    blocked: set[tuple[str, bytes]] = set()
+    for index, message in enumerate(messages):
+        if blocked and (message.topic, message.key) in blocked:
+            results[index] = HELD_BACK
+            continue
+        if missing and message.topic in missing:
+            results[index] = missing_topic(message.topic)
+            blocked.add((message.topic, message.key))
+            continue
+        try:
+            send(index, message)
+        except Exception as exc:
+            delivery = refused(exc)
+            if delivery is None:
+                raise
+            results[index] = delivery
+            blocked.add((message.topic, message.key))
+    return results
+
+
+def flush_timeout(delivery_timeout_ms: float) -> float:
+    """Seconds a publisher waits for a batch's outcomes before it counts the rest as failed.
+
+    delivery.timeout.ms bounds every send, in theory; kafka-python has been
+    seen to leave a batch that was in flight when the broker died unresolved
+    forever, and an unbounded wait would stall the relay (and its SIGTERM).
+    The margin covers the serving of delivery reports.
+    """
+    return delivery_timeout_ms / 1000 + 5
+
+
+def every_outcome(results: Sequence[Delivery | None], missing: Delivery) -> list[Delivery]:
+    """`results` with `missing` for any message the client never reported on:
+    a publisher never returns a message in neither state."""
+    return [missing if r is None else r for r in results]
