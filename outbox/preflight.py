@@ -34,8 +34,7 @@ from sqlalchemy.exc import DBAPIError
 
 from outbox.config import safe_url
 from outbox.errors import ConfigError, SchemaError, first_line
-from outbox.migrate import VERSION_TABLE
-from outbox.schema import outbox_dead_letter, outbox_inbox
+from outbox.schema import VERSION_TABLE, outbox_dead_letter, outbox_inbox
 
 __all__ = ["KitStatementError", "check_consumer_database", "kit_statement", "login_refused"]
 
