@@ -45,7 +45,8 @@ from typing import Any, NoReturn
 from sqlalchemy import Connection, event, select
 from sqlalchemy.orm import Session, SessionTransaction
 
-from outbox.errors import ConfigError, OutboxError
+# The contract's errors live in the one error tree; re-exported here, where they are raised.
+from outbox.errors import ConfigError, HandlerContractError, OutboxError, TransactionEndedError
 from outbox.event import Event
 
 __all__ = [
@@ -95,21 +96,6 @@ _PQTRANS_INERROR = 3  # "idle, in a failed transaction block" (psycopg, psycopg2
 
 _SESSION_METHODS = ("commit", "rollback", "close", "reset", "invalidate")
 _CONNECTION_METHODS = ("commit", "rollback", "close", "invalidate")
-
-
-class HandlerContractError(OutboxError):
-    """A handler did what the handler contract forbids (see `outbox.handler`)."""
-
-
-class TransactionEndedError(HandlerContractError):
-    """The transaction ended under the handler by a way the guard could not refuse.
-
-    It may have been a COMMIT: then the batch's inbox rows, and whatever the
-    handler wrote before it, are durable. The consumer deletes the inbox rows
-    of the events whose handlers did not complete, so none is skipped as a
-    duplicate, and dead-letters this event at once if its row had been
-    committed (its partial effects then need a person).
-    """
 
 
 def handler_name(handler: object) -> str:

@@ -33,7 +33,7 @@ from sqlalchemy import Connection, Engine, select, text
 from sqlalchemy.exc import DBAPIError
 
 from outbox.config import safe_url
-from outbox.errors import ConfigError, SchemaError, first_line
+from outbox.errors import ConfigError, KitStatementError, SchemaError, first_line
 from outbox.migrate import VERSION_TABLE
 from outbox.schema import outbox_dead_letter, outbox_inbox
 
@@ -68,11 +68,6 @@ _PRIVILEGES = {
     outbox_inbox.name: ("SELECT", "INSERT", "DELETE"),
     outbox_dead_letter.name: ("SELECT", "INSERT"),
 }
-
-
-class KitStatementError(SchemaError):
-    """One of the kit's own statements found its table missing, older or not usable: never a
-    message's fault, so the consumer raises it instead of retrying or dead-lettering."""
 
 
 def login_refused(exc: BaseException) -> str | None:

@@ -161,7 +161,7 @@ def test_handler_ending_the_batch_transaction_is_refused_and_costs_no_other_even
     with effects.connect() as conn:
         [letter] = list_dead_letters(conn, group)
     assert letter.event_id == offender and letter.attempts == FAST_CONFIG.max_attempts
-    assert letter.error.startswith("outbox.handler.HandlerContractError: ")
+    assert letter.error.startswith("outbox.errors.HandlerContractError: ")
     assert what in letter.error and "tests.test_consumer_misuse" in letter.error
 
 
