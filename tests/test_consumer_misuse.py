@@ -34,10 +34,11 @@ from sqlalchemy.orm import Session
 
 from outbox import handler as handler_module
 from outbox import migrate
-from outbox.consumer import Consumer, HandlerContractError, apply_event
+from outbox.consumer import Consumer
 from outbox.dead_letters import list_dead_letters, replay_dead_letters
-from outbox.errors import ConfigError, SchemaError
+from outbox.errors import ConfigError, HandlerContractError, SchemaError
 from outbox.event import Event
+from outbox.inbox import apply_event
 from outbox.kafka_logging import _FILTER, KAFKA_WIRE_LOGGERS, protect_kafka_logs
 from outbox.schema import outbox_inbox
 from tests.consumer_proc import EFFECT_TABLE_DDL, record_effect

@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 from sqlalchemy import create_engine
 
-from outbox.consumer import Consumer, ConsumerConfig
+from outbox.consumer import Consumer
+from outbox.consumer_config import ConsumerConfig
 from outbox.dead_letters import import_handler, replay_dead_letters
 from outbox.envelope import decode, encode_headers
 from outbox.errors import ConfigError, MalformedMessageError, describe_error
