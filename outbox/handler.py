@@ -10,6 +10,14 @@ yet durable, and those events would then be skipped as duplicates. So the
 handler may read, write, flush and open savepoints of its own
 (`session.begin_nested()`), and must not commit, roll back or close.
 
+It may publish follow-up events with `outbox.publish(session, ...)` (a
+ledger announcing a posting): that is an INSERT into `outbox_event` in the
+same transaction, which the guard lets through, so a follow-up commits
+with its effect and the inbox row or not at all, and a redelivered event
+is skipped before its handler could publish it again. Each follow-up thus
+exists exactly once iff its effect committed, even with a random event id
+(`tests/test_consumer_followups.py` proves it with SIGKILLs).
+
 While a handler runs, `HandlerGuard` holds it to that:
 
     refused at the call        session.commit() rollback() close() reset() invalidate() begin();
