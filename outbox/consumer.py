@@ -140,7 +140,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 FAILPOINT_AFTER_DB_COMMIT = "consumer-after-db-commit"
-ENV_PREFIX = "OUTBOX_CONSUMER_"
 
 _T = TypeVar("_T")
 
