@@ -4,11 +4,19 @@ Write path: `publish(session, topic=..., key=..., type=..., data=...)` adds an
 event to your database transaction. The relay (`outbox relay`) publishes
 committed events to Kafka; `Consumer` applies them exactly once on the other
 side. See the README for the guarantees and how each is tested.
+
+The consuming side (`Consumer`, `ConsumerConfig`, `ConsumerStats`) is loaded
+on first use: a service that only publishes never imports kafka-python.
 """
 
-from outbox.consumer import Consumer, ConsumerConfig, ConsumerStats
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from outbox.errors import (
     ConfigError,
+    HandlerContractError,
     InvalidEventError,
     MalformedMessageError,
     OutboxError,
@@ -16,9 +24,14 @@ from outbox.errors import (
     PayloadTooLargeError,
     PublishError,
     SchemaError,
+    TransactionEndedError,
 )
 from outbox.event import Event
 from outbox.writer import publish, publish_async
+
+if TYPE_CHECKING:  # what mypy and IDEs see; at run time __getattr__ below imports them
+    from outbox.consumer import Consumer
+    from outbox.consumer_config import ConsumerConfig, ConsumerStats
 
 __all__ = [
     "ConfigError",
@@ -26,6 +39,7 @@ __all__ = [
     "ConsumerConfig",
     "ConsumerStats",
     "Event",
+    "HandlerContractError",
     "InvalidEventError",
     "MalformedMessageError",
     "OutboxError",
@@ -33,6 +47,27 @@ __all__ = [
     "PayloadTooLargeError",
     "PublishError",
     "SchemaError",
+    "TransactionEndedError",
     "publish",
     "publish_async",
 ]
+
+# name -> the module that defines it, imported on first access (PEP 562).
+_LAZY = {
+    "Consumer": "outbox.consumer",
+    "ConsumerConfig": "outbox.consumer_config",
+    "ConsumerStats": "outbox.consumer_config",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'outbox' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # the next access is a plain lookup
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -365,7 +365,7 @@ def dead_letters_discard_command(args: argparse.Namespace) -> int:
 
 
 def inbox_purge_command(args: argparse.Namespace) -> int:
-    from outbox.dead_letters import purge_inbox
+    from outbox.inbox import purge_inbox
 
     older_than: timedelta = args.older_than
     if older_than < SHORTEST_SAFE_PURGE:

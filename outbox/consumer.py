@@ -21,8 +21,8 @@ the claim and one COMMIT per batch, plus whatever the handlers do.
                          retried alone, in its own transactions, with
                          exponential backoff and jitter (tenacity; the
                          batch's try was attempt 1); after `max_attempts` the
-                         raw message is parked in `outbox_dead_letter` (see
-                         `outbox/dead_letters.py` to replay); batching goes
+                         raw message is parked in `outbox_dead_letter`
+                         (`outbox.dead_letters`, also to replay); batching goes
                          on with the next message.
     handler breaks the   commits, rolls back or closes the session (see
       contract           `outbox.handler`): refused before anything reaches
@@ -49,9 +49,25 @@ the claim and one COMMIT per batch, plus whatever the handlers do.
                          the next owner and deduplicated by the inbox.
 
 Inbox retention: the inbox only protects against redeliveries it still
-remembers. Keep inbox rows (see `purge_inbox`) longer than the topic's
-`retention.ms` plus the longest time a message may wait unconsumed;
+remembers. Keep inbox rows (see `outbox.inbox.purge_inbox`) longer than the
+topic's `retention.ms` plus the longest time a message may wait unconsumed;
 otherwise an old message read again would be applied twice.
+
+Follow-up events: a handler may `outbox.publish(session, ...)` with the
+session it is given (a ledger announcing a posting). The outbox row is
+then part of the consumer's transaction: it commits with the effect and
+the inbox row, or not at all, so each follow-up exists exactly once iff
+its effect committed, whatever kills the consumer when (proved by
+`tests/test_consumer_followups.py`). A follow-up's event id may be random;
+the inbox, not the id, is what keeps a redelivery from publishing it twice.
+
+Where the rest lives: this module is the loop (lifecycle, poll, the
+batch -> alone -> retry -> dead-letter path, offsets, rebalances, signals,
+stats and logs), read top to bottom; `outbox.consumer_config` its settings
+and Kafka's, `outbox.inbox` the inbox SQL and `apply_event`,
+`outbox.dead_letters` parking and replay, `outbox.handler` the handler
+contract, `outbox.records` the typed Kafka record, `outbox.preflight` the
+start checks.
 
 This module must never commit an offset ahead of the database, dead-letter a
 message because the database is down or wrong, let a handler commit its
@@ -65,9 +81,8 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
 from functools import partial
 from types import FrameType
 from typing import Any, TypeVar
@@ -76,11 +91,9 @@ from kafka import KafkaConsumer
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata, TopicPartition
-from sqlalchemy import Engine, exists, literal, select, text
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy import Engine, select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
-from sqlalchemy.types import LargeBinary
 from tenacity import (
     RetryCallState,
     Retrying,
@@ -92,30 +105,27 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from outbox.config import (
-    bootstrap_servers as resolve_bootstrap_servers,
+from outbox import dead_letters
+from outbox.config import bootstrap_servers as resolve_bootstrap_servers
+from outbox.config import safe_kafka_config
+from outbox.consumer_config import ConsumerConfig, ConsumerStats, kafka_consumer_settings
+from outbox.errors import (
+    ConfigError,
+    HandlerContractError,
+    KitStatementError,
+    MalformedMessageError,
+    OutboxError,
+    TransactionEndedError,
+    describe_error,
 )
-from outbox.config import (
-    env_float,
-    env_int,
-    kafka_client_config,
-    safe_kafka_config,
-)
-from outbox.envelope import decode, headers_as_json
-from outbox.errors import ConfigError, MalformedMessageError, OutboxError, describe_error
 from outbox.event import Event
 from outbox.failpoints import failpoint
-from outbox.handler import (
-    Handler,
-    HandlerContractError,
-    HandlerGuard,
-    TransactionEndedError,
-    check_handler,
-    handler_name,
-)
+from outbox.handler import Handler, HandlerGuard, check_handler, handler_name
+from outbox.inbox import apply_event, claim, unclaim_events
 from outbox.kafka_logging import protect_kafka_logs
-from outbox.preflight import KitStatementError, check_consumer_database, kit_statement, login_refused
-from outbox.schema import outbox_dead_letter, outbox_inbox
+from outbox.preflight import check_consumer_database, login_refused
+from outbox.records import KafkaRecord, decode_record, try_decode, where
+from outbox.schema import outbox_dead_letter
 
 __all__ = [
     "Consumer",
@@ -130,146 +140,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 FAILPOINT_AFTER_DB_COMMIT = "consumer-after-db-commit"
-ENV_PREFIX = "OUTBOX_CONSUMER_"
 
 _T = TypeVar("_T")
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class ConsumerConfig:
-    """How the consumer retries, waits and polls. Every field has a default.
-
-    Example::
-
-        Consumer(engine, group="ledger", topics=["payments"], handler=apply_payment,
-                 config=ConsumerConfig(max_attempts=3, retry_backoff_max=5.0))
-
-    `from_env()` reads the same fields from `OUTBOX_CONSUMER_<FIELD>`, e.g.
-    `OUTBOX_CONSUMER_MAX_ATTEMPTS=3`.
-
-    `transaction_batch_size` 1 gives a transaction per message. Larger
-    batches save a COMMIT (a WAL flush) per message; the price is paid on a
-    handler failure, which rolls back and re-runs the batch's earlier
-    messages, and in locks the handlers' writes hold until the batch commits.
-    """
-
-    max_attempts: int = 5  # handler attempts before the message is dead-lettered; 1..100
-    retry_backoff_base: float = 0.2  # s; retry n waits random(0, base * 2**(n-1)); 0..3600
-    retry_backoff_max: float = 10.0  # s; cap of one handler retry wait; base..3600
-    db_backoff_base: float = 0.5  # s; first wait while the database is unreachable; >0..3600
-    db_backoff_max: float = 30.0  # s; cap of one such wait; db_backoff_base..3600
-    poll_batch_size: int = 100  # max messages per poll (kafka max_poll_records); 1..10000
-    poll_timeout_ms: int = 1000  # run()'s wait per poll, bounds stop() latency; 1..60000
-    transaction_batch_size: int = 50  # messages per DB transaction (see above); 1..10000
-
-    def __post_init__(self) -> None:
-        _check_range("max_attempts", self.max_attempts, 1, 100)
-        _check_range("retry_backoff_base", self.retry_backoff_base, 0.0, 3600.0)
-        _check_range("retry_backoff_max", self.retry_backoff_max, self.retry_backoff_base, 3600.0)
-        if self.db_backoff_base <= 0:
-            # A zero wait would turn a database outage into a busy loop.
-            raise ConfigError(
-                "db_backoff_base", f"must be above 0 seconds, got {self.db_backoff_base}"
-            )
-        _check_range("db_backoff_base", self.db_backoff_base, 0.0, 3600.0)
-        _check_range("db_backoff_max", self.db_backoff_max, self.db_backoff_base, 3600.0)
-        _check_range("poll_batch_size", self.poll_batch_size, 1, 10_000)
-        _check_range("poll_timeout_ms", self.poll_timeout_ms, 1, 60_000)
-        _check_range("transaction_batch_size", self.transaction_batch_size, 1, 10_000)
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> ConsumerConfig:
-        """The config from `OUTBOX_CONSUMER_*` variables; unset ones keep their default.
-
-        Errors name the variable, e.g. `OUTBOX_CONSUMER_MAX_ATTEMPTS: 0 is below ...`.
-        """
-        defaults = cls()
-        values: dict[str, Any] = {}
-        for f in fields(cls):
-            name = ENV_PREFIX + f.name.upper()
-            default = getattr(defaults, f.name)
-            if isinstance(default, int):
-                values[f.name] = env_int(name, default, env)
-            else:
-                values[f.name] = env_float(name, default, env)
-        try:
-            return cls(**values)
-        except ConfigError as exc:
-            message = str(exc).removeprefix(f"{exc.field}: ")
-            raise ConfigError(ENV_PREFIX + exc.field.upper(), message) from None
-
-
-def _check_range(name: str, value: float, low: float, high: float) -> None:
-    if not low <= value <= high:
-        raise ConfigError(name, f"must be between {low} and {high}, got {value}")
-
-
-@dataclass(slots=True)
-class ConsumerStats:
-    """Counters since the consumer was created. Read them; the consumer writes them."""
-
-    applied: int = 0  # handler ran and its transaction committed
-    duplicates: int = 0  # event id already in this group's inbox; handler skipped
-    dead_lettered: int = 0  # parked in outbox_dead_letter (handler kept failing, or malformed)
-    retries: int = 0  # handler attempts that failed and were retried
-    database_waits: int = 0  # backoffs because the database did not answer
-
-
-# The unique key (consumer_group, event_id) decides who applies an event. One
-# statement claims a whole batch (one round trip), rows in the batch's order.
-_INBOX_CLAIM = text(f"""
-    INSERT INTO {outbox_inbox.name} (consumer_group, event_id, topic, partition, "offset")
-    SELECT :group, m.event_id, m.topic, m.partition, m."offset"
-    FROM unnest(CAST(:event_ids AS uuid[]), CAST(:topics AS text[]),
-                CAST(:partitions AS integer[]), CAST(:offsets AS bigint[]))
-         WITH ORDINALITY AS m(event_id, topic, partition, "offset", n)
-    ORDER BY m.n
-    ON CONFLICT (consumer_group, event_id) DO NOTHING
-    RETURNING event_id
-""")
-_INBOX_UNCLAIM = text(
-    f"DELETE FROM {outbox_inbox.name} "
-    "WHERE consumer_group = :group AND event_id = ANY(CAST(:event_ids AS uuid[])) "
-    "RETURNING event_id"
-)
-
-
-def apply_event(session: Session, *, group: str, event: Event, handler: Handler) -> bool:
-    """Record `event` in `group`'s inbox and run `handler`, inside `session`'s transaction.
-
-    Returns False, without running the handler, when the group already has
-    the event. Nothing is committed here: the caller's commit makes the inbox
-    row and the handler's effects durable together, and a rollback discards
-    both, so the event can be applied again. The handler is held to the
-    handler contract (`outbox.handler`): what it may not do raises
-    `HandlerContractError`, and the caller must then roll back. After
-    `TransactionEndedError` the inbox row may have been committed: delete it
-    again (`unclaim_events`) before the event is retried. Dead-letter replay
-    and the consumer's one-message path go through this function; its
-    batches claim with the same statement (`_claim`).
-    """
-    if event.partition is None or event.offset is None:
-        raise MalformedMessageError(
-            f"event {event.id} has no partition/offset; only consumed events can be applied"
-        )
-    if event.id not in _claim(session, group, [event]):
-        return False
-    HandlerGuard.for_session(session).run(handler, event)
-    return True
-
-
-def unclaim_events(session: Session, group: str, event_ids: Iterable[uuid.UUID]) -> set[uuid.UUID]:
-    """Delete `group`'s inbox rows of `event_ids`; returns the ids that had a row.
-
-    The repair after `TransactionEndedError`: rows that a handler's commit
-    made durable without the effects of their events.
-    """
-    ids = list(event_ids)
-    if not ids:
-        return set()
-    with kit_statement("deleting inbox rows"):
-        rows = session.execute(_INBOX_UNCLAIM, {"group": group, "event_ids": ids})
-    return set(rows.scalars())
 
 
 class _GiveBack(Exception):
@@ -360,7 +232,7 @@ class Consumer:
         self.stats = ConsumerStats()
         self._engine = engine
         self._handler = handler
-        self._kafka_config = _kafka_settings(
+        self._kafka_config = kafka_consumer_settings(
             group, resolve_bootstrap_servers(bootstrap_servers), self.config, kafka_config
         )
         # A batch must be finished (or given back) well inside max.poll.interval.ms,
@@ -455,13 +327,15 @@ class Consumer:
                 return 0  # the database does not answer yet: nothing read, nothing joined
         kafka = self._kafka_consumer()
         self._commit()  # a commit that failed last time, before a poll can rebalance
-        batch = kafka.poll(timeout_ms=timeout_ms, max_records=self.config.poll_batch_size)
+        batch: dict[TopicPartition, list[KafkaRecord]] = kafka.poll(
+            timeout_ms=timeout_ms, max_records=self.config.poll_batch_size
+        )
         self._deadline = time.monotonic() + self._budget
         progress = {tp: records[0].offset for tp, records in batch.items() if records}
         records = [record for records in batch.values() for record in records]
         handled = 0
 
-        def done(record: Any) -> None:  # its transaction committed: its offset may follow
+        def done(record: KafkaRecord) -> None:  # its transaction committed: its offset may follow
             nonlocal handled
             tp = TopicPartition(record.topic, record.partition)
             progress[tp] = self._pending[tp] = record.offset + 1
@@ -479,7 +353,7 @@ class Consumer:
                     continue
                 chunk = records[handled : handled + self.config.transaction_batch_size]
                 try:
-                    committed, failed = self._while_database_down(_where(chunk[0], len(chunk)))(
+                    committed, failed = self._while_database_down(where(chunk[0], len(chunk)))(
                         self._apply_batch, chunk
                     )
                     self._end_outage()
@@ -502,7 +376,9 @@ class Consumer:
             self._commit()
         return handled
 
-    def _apply_batch(self, records: Sequence[Any]) -> tuple[list[Any], tuple[Any, Exception] | None]:
+    def _apply_batch(
+        self, records: Sequence[KafkaRecord]
+    ) -> tuple[list[KafkaRecord], tuple[KafkaRecord, Exception] | None]:
         """Apply `records` in one transaction, up to the first handler failure.
 
         Returns the records whose work committed, in order, and the record
@@ -528,7 +404,7 @@ class Consumer:
             return committed, failed if len(committed) == len(records) else None
         return [], failed
 
-    def _apply_in_one_transaction(self, records: Sequence[Any]) -> list[Any]:
+    def _apply_in_one_transaction(self, records: Sequence[KafkaRecord]) -> list[KafkaRecord]:
         """Claim the records' event ids in the inbox (one statement), run the handlers, commit.
 
         No savepoint per message: those cost two round trips each, and a
@@ -541,8 +417,8 @@ class Consumer:
         try:
             with Session(self._engine) as session:
                 session.begin()
-                decoded = [_try_decode(record) for record in records]
-                claimed = _claim(session, self.group, [e for e in decoded if isinstance(e, Event)])
+                decoded = [try_decode(record) for record in records]
+                claimed = claim(session, self.group, [e for e in decoded if isinstance(e, Event)])
                 guard = HandlerGuard.for_session(session) if claimed else None
                 for index, (record, event) in enumerate(zip(records, decoded, strict=True)):
                     if done and self._out_of_time():
@@ -551,7 +427,7 @@ class Consumer:
                         break
                     if not isinstance(event, Event):
                         note = self._park(session, record, event, attempts=1,
-                                          event_id=_raw_event_id(record.headers))
+                                          event_id=dead_letters.raw_event_id(record.headers))
                         done.append((record, note))
                         continue
                     applied = event.id in claimed
@@ -592,23 +468,23 @@ class Consumer:
                 note()
         return [record for record, _ in done]
 
-    def _handle_alone(self, record: Any, failed_attempt: Exception | None = None) -> None:
+    def _handle_alone(self, record: KafkaRecord, failed_attempt: Exception | None = None) -> None:
         """One message in transactions of its own: retries, then a dead letter; outages waited out.
 
         `failed_attempt` is the error of the attempt already made inside a
         batch: it counts as attempt 1.
         """
-        for attempt in self._while_database_down(_where(record, 1)):
+        for attempt in self._while_database_down(where(record, 1)):
             with attempt:
                 self._handle(record, failed_attempt)
             failed_attempt = None  # after an outage the message starts over with fresh attempts
         self._end_outage()
 
-    def _handle(self, record: Any, failed_attempt: Exception | None) -> None:
+    def _handle(self, record: KafkaRecord, failed_attempt: Exception | None) -> None:
         try:
-            event = _decode(record)
+            event = decode_record(record)
         except MalformedMessageError as exc:
-            self._dead_letter(record, exc, attempts=1, event_id=_raw_event_id(record.headers))
+            self._dead_letter(record, exc, attempts=1, event_id=dead_letters.raw_event_id(record.headers))
             return
         attempts = [0]
         try:
@@ -653,7 +529,10 @@ class Consumer:
         applied: bool = retrying(attempt)
         return applied
 
-    def _repair_inbox(self, error: Exception, event_ids: set[uuid.UUID], event: Any) -> Exception:
+    def _repair_inbox(
+        self, error: Exception, event_ids: set[uuid.UUID],
+        event: Event | MalformedMessageError,
+    ) -> Exception:
         """After `TransactionEndedError`: delete the inbox rows a handler's own commit made durable.
 
         Those of events whose handlers had not run, so that none is skipped as
@@ -684,7 +563,7 @@ class Consumer:
         return error
 
     def _dead_letter(
-        self, record: Any, exc: BaseException, *, attempts: int, event_id: uuid.UUID | None
+        self, record: KafkaRecord, exc: BaseException, *, attempts: int, event_id: uuid.UUID | None
     ) -> None:
         try:
             note = self._in_transaction(
@@ -706,19 +585,14 @@ class Consumer:
         note()
 
     def _park(
-        self, session: Session, record: Any, exc: BaseException, *, attempts: int,
+        self, session: Session, record: KafkaRecord, exc: BaseException, *, attempts: int,
         event_id: uuid.UUID | None,
     ) -> Callable[[], None]:
         """Add the dead letter to `session`'s transaction; returns its stats and log, for after commit."""
         error = describe_error(exc)
-        insert = _dead_letter_insert(
-            group=self.group, topic=record.topic, partition=record.partition,
-            offset=record.offset, event_id=event_id, key=record.key, value=record.value,
-            headers=_storable_headers(record.headers), error=error, attempts=attempts,
+        parked = dead_letters.park(
+            session, self.group, record, error=error, attempts=attempts, event_id=event_id
         )
-        with kit_statement(f"parking a message in {outbox_dead_letter.name}"):
-            # RETURNING, not rowcount: psycopg reports -1 for an INSERT ... SELECT.
-            parked = session.execute(insert).first() is not None
         return partial(self._note_parked, record, error, attempts, event_id, parked)
 
     def _in_transaction(self, work: Callable[[Session], _T]) -> _T:
@@ -794,7 +668,7 @@ class Consumer:
         self._pending.clear()
 
     def _give_back(
-        self, batch: Mapping[TopicPartition, list[Any]], progress: Mapping[TopicPartition, int]
+        self, batch: Mapping[TopicPartition, list[KafkaRecord]], progress: Mapping[TopicPartition, int]
     ) -> None:
         for tp, records in batch.items():
             if records and progress[tp] <= records[-1].offset:
@@ -884,7 +758,8 @@ class Consumer:
             )
 
     def _note_parked(
-        self, record: Any, error: str, attempts: int, event_id: uuid.UUID | None, parked: bool
+        self, record: KafkaRecord, error: str, attempts: int, event_id: uuid.UUID | None,
+        parked: bool,
     ) -> None:
         self.stats.dead_lettered += 1
         log.error(
@@ -929,7 +804,7 @@ class Consumer:
                      time.monotonic() - self._outage_started, self.group)
             self._outage_started = None
 
-    def _log_batch_failure(self, records: Sequence[Any], exc: _TransactionFailed) -> None:
+    def _log_batch_failure(self, records: Sequence[KafkaRecord], exc: _TransactionFailed) -> None:
         first = records[0]
         log.warning(
             "batch transaction failed, applying its messages one by one: group=%s topic=%s "
@@ -956,130 +831,3 @@ class _RebalanceListener(ConsumerRebalanceListener):  # type: ignore[misc]  # ka
 
 def _partitions(tps: Sequence[TopicPartition]) -> str:
     return ",".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(tps))
-
-
-def _kafka_settings(
-    group: str, servers: str, config: ConsumerConfig, overrides: Mapping[str, Any]
-) -> dict[str, Any]:
-    known = KafkaConsumer.DEFAULT_CONFIG
-    unknown = sorted(set(overrides) - set(known))
-    if unknown:
-        raise ConfigError(unknown[0], "is not a KafkaConsumer setting")
-    settings: dict[str, Any] = {
-        "bootstrap_servers": servers,
-        "group_id": group,
-        "enable_auto_commit": False,
-        "auto_offset_reset": "earliest",
-        "isolation_level": "read_committed",
-        "max_poll_records": config.poll_batch_size,
-    }
-    # OUTBOX_KAFKA_* is shared with the relay's producer: take only what a
-    # consumer understands (acks, linger_ms... are the producer's).
-    settings.update({k: v for k, v in kafka_client_config().items() if k in known})
-    settings.update(overrides)
-    if settings["group_id"] != group:
-        raise ConfigError("group_id", "is given by the `group` argument; do not pass it twice")
-    if settings["enable_auto_commit"] is not False:
-        raise ConfigError(
-            "enable_auto_commit", "must be False: offsets are committed after the database"
-        )
-    for name in ("key_deserializer", "value_deserializer"):
-        if settings.get(name) is not None:
-            raise ConfigError(name, "is not supported: the consumer decodes the raw bytes itself")
-    return settings
-
-
-def _where(first: Any, messages: int) -> str:
-    """The log fields of a stretch of messages: where it starts, how many."""
-    return (f"topic={first.topic} partition={first.partition} offset={first.offset} "
-            f"messages={messages}")
-
-
-def _decode(record: Any) -> Event:
-    return decode(
-        topic=record.topic, partition=record.partition, offset=record.offset,
-        key=record.key, value=record.value, headers=record.headers,
-    )
-
-
-def _try_decode(record: Any) -> Event | MalformedMessageError:
-    try:
-        return _decode(record)
-    except MalformedMessageError as exc:
-        return exc
-
-
-def _claim(session: Session, group: str, events: Sequence[Event]) -> set[uuid.UUID]:
-    """Insert the events' inbox rows in one statement; returns the ids that were new to `group`.
-
-    An id the group already has (committed, or claimed by a transaction that
-    then commits: the INSERT waits for it) is not returned, nor is the second
-    copy of an id that appears twice in `events`.
-    """
-    if not events:
-        return set()
-    with kit_statement(f"inserting rows into {outbox_inbox.name}"):
-        rows = session.execute(_INBOX_CLAIM, {
-            "group": group,
-            "event_ids": [e.id for e in events],
-            "topics": [e.topic for e in events],
-            "partitions": [e.partition for e in events],
-            "offsets": [e.offset for e in events],
-        })
-    return set(rows.scalars())
-
-
-def _storable_headers(headers: Sequence[tuple[str, bytes]] | None) -> dict[str, str]:
-    # JSONB refuses \u0000: a header with a NUL byte (a malformed message may
-    # carry anything) is stored hex-encoded, as non-UTF-8 ones already are.
-    stored = headers_as_json(headers)
-    for name, raw in headers or ():
-        if "\x00" in name or "\x00" in stored.get(name, ""):
-            stored.pop(name, None)
-            stored[name.replace("\x00", "\\x00")] = "hex:" + bytes(raw or b"").hex()
-    return stored
-
-
-def _raw_event_id(headers: Sequence[tuple[str, bytes]] | None) -> uuid.UUID | None:
-    for name, value in headers or ():
-        if name == "ce_id":
-            try:
-                return uuid.UUID(value.decode())
-            except (ValueError, UnicodeDecodeError, AttributeError):
-                return None
-    return None
-
-
-def _dead_letter_insert(
-    *, group: str, topic: str, partition: int, offset: int, event_id: uuid.UUID | None,
-    key: bytes | None, value: bytes | None, headers: dict[str, str], error: str, attempts: int,
-) -> Any:
-    """INSERT the message unless this group parked this very message already (a redelivery).
-
-    RETURNING the new row's id: no row back means it was parked before.
-    """
-    t = outbox_dead_letter
-    row = select(
-        literal(group).label("consumer_group"),
-        literal(topic).label("topic"),
-        literal(partition).label("partition"),
-        literal(offset).label("offset"),
-        literal(event_id, t.c.event_id.type).label("event_id"),
-        literal(key, LargeBinary()).label("key"),
-        literal(value, LargeBinary()).label("value"),
-        literal(headers, JSONB()).label("headers"),
-        literal(error).label("error"),
-        literal(attempts).label("attempts"),
-    ).where(
-        ~exists().where(
-            t.c.consumer_group == group,
-            t.c.topic == topic,
-            t.c.partition == partition,
-            t.c.offset == offset,
-        )
-    )
-    return t.insert().from_select(
-        ["consumer_group", "topic", "partition", "offset", "event_id", "key", "value",
-         "headers", "error", "attempts"],
-        row,
-    ).returning(t.c.id)

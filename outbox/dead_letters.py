@@ -1,9 +1,18 @@
-"""What an operator does with the consuming side's tables: dead letters and inbox retention.
+"""Dead letters, their one home: parked by the consumer here, listed, replayed and discarded here.
 
+    park(session, group, record, error=..., attempts=..., event_id=...)
+                                                            the consumer parks a message (no commit)
+    raw_event_id(headers)                                   a malformed message's ce_id, if any
     list_dead_letters(conn, group=None, limit=100)          look at what was parked
     replay_dead_letters(engine, group=..., handler=...)     apply them, after the fix
+    discard_dead_letters(conn, group=..., ids=..., reason=...)  give up on some, audited
     import_handler("package.module:function")             the handler, for a CLI
-    purge_inbox(engine_or_conn, older_than=..., group=None) forget old inbox rows
+
+A dead letter is the raw message as read (key, value and headers as bytes,
+headers that are not UTF-8 or hold NUL stored hex-encoded), so that replay
+decodes exactly what the consumer could not apply. Parking is idempotent
+per (group, topic, partition, offset): a redelivered message is not parked
+twice.
 
 Replay applies the stored message directly, through the same `apply_event`
 the consumer uses, instead of producing it to the topic again. In one
@@ -23,12 +32,8 @@ The price: the process that replays must have the handler (the same code the
 consumer runs, after the fix). Replaying does not restore order: later events
 of the same key were applied while this one was parked.
 
-Inbox retention: the inbox deduplicates only what it remembers. Keep rows
-longer than the topic's `retention.ms` plus the longest time a message may
-wait unconsumed (consumer lag, an outage, a paused group); a message read
-again after its inbox row was purged would be applied twice. For example
-with 7-day topic retention and at most 3 days of tolerated lag, purge with
-`older_than=timedelta(days=10)` or more.
+Inbox retention and `purge_inbox` live in `outbox.inbox` (re-exported here
+for code written before they moved).
 """
 
 from __future__ import annotations
@@ -39,25 +44,32 @@ import logging
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, delete, func, select, tuple_, update
+from sqlalchemy import Connection, Engine, exists, func, literal, select, update
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.dml import ReturningInsert
+from sqlalchemy.types import LargeBinary
 
-from outbox.consumer import Handler, apply_event, unclaim_events
-from outbox.envelope import decode
-from outbox.errors import ConfigError, ParkedEventError, describe_error
-from outbox.handler import TransactionEndedError, check_handler
-from outbox.preflight import KitStatementError
-from outbox.schema import outbox_dead_letter, outbox_inbox
+from outbox.envelope import decode, headers_as_json
+from outbox.errors import ConfigError, KitStatementError, ParkedEventError, describe_error
+from outbox.handler import Handler, TransactionEndedError, check_handler
+from outbox.inbox import apply_event, purge_inbox, unclaim_events
+from outbox.preflight import kit_statement
+from outbox.records import KafkaRecord
+from outbox.schema import outbox_dead_letter
 
 __all__ = [
     "DeadLetter",
     "ReplayResult",
+    "discard_dead_letters",
     "import_handler",
     "list_dead_letters",
-    "purge_inbox",
+    "park",
+    "purge_inbox",  # its home is outbox.inbox; kept importable from here
+    "raw_event_id",
     "replay_dead_letters",
 ]
 
@@ -93,6 +105,83 @@ class ReplayResult:
     duplicates: list[int] = field(default_factory=list)  # group already had the event; marked
     failed: dict[int, str] = field(default_factory=dict)  # still failing: left parked, error kept
     skipped: list[int] = field(default_factory=list)  # replayed before (or by a concurrent replay)
+
+
+def park(
+    session: Session, group: str, record: KafkaRecord, *, error: str, attempts: int,
+    event_id: uuid.UUID | None,
+) -> bool:
+    """Add `record`, raw, to `group`'s dead letters in `session`'s transaction; no commit.
+
+    Returns False when this group had parked this very message already (a
+    redelivery): nothing is inserted then. `error` is stored as given
+    (`describe_error` keeps it to one line, secrets masked).
+    """
+    insert = _dead_letter_insert(
+        group=group, topic=record.topic, partition=record.partition, offset=record.offset,
+        event_id=event_id, key=record.key, value=record.value,
+        headers=_storable_headers(record.headers), error=error, attempts=attempts,
+    )
+    with kit_statement(f"parking a message in {outbox_dead_letter.name}"):
+        # RETURNING, not rowcount: psycopg reports -1 for an INSERT ... SELECT.
+        return session.execute(insert).first() is not None
+
+
+def raw_event_id(headers: Sequence[tuple[str, bytes]] | None) -> uuid.UUID | None:
+    """The `ce_id` header of a message that did not decode, if it holds a UUID."""
+    for name, value in headers or ():
+        if name == "ce_id":
+            try:
+                return uuid.UUID(value.decode())
+            except (ValueError, UnicodeDecodeError, AttributeError):
+                return None
+    return None
+
+
+def _storable_headers(headers: Sequence[tuple[str, bytes]] | None) -> dict[str, str]:
+    # JSONB refuses \u0000: a header with a NUL byte (a malformed message may
+    # carry anything) is stored hex-encoded, as non-UTF-8 ones already are.
+    stored = headers_as_json(headers)
+    for name, raw in headers or ():
+        if "\x00" in name or "\x00" in stored.get(name, ""):
+            stored.pop(name, None)
+            stored[name.replace("\x00", "\\x00")] = "hex:" + bytes(raw or b"").hex()
+    return stored
+
+
+def _dead_letter_insert(
+    *, group: str, topic: str, partition: int, offset: int, event_id: uuid.UUID | None,
+    key: bytes | None, value: bytes | None, headers: dict[str, str], error: str, attempts: int,
+) -> ReturningInsert[tuple[int]]:
+    """INSERT the message unless this group parked this very message already (a redelivery).
+
+    RETURNING the new row's id: no row back means it was parked before.
+    """
+    t = outbox_dead_letter
+    row = select(
+        literal(group).label("consumer_group"),
+        literal(topic).label("topic"),
+        literal(partition).label("partition"),
+        literal(offset).label("offset"),
+        literal(event_id, t.c.event_id.type).label("event_id"),
+        literal(key, LargeBinary()).label("key"),
+        literal(value, LargeBinary()).label("value"),
+        literal(headers, JSONB()).label("headers"),
+        literal(error).label("error"),
+        literal(attempts).label("attempts"),
+    ).where(
+        ~exists().where(
+            t.c.consumer_group == group,
+            t.c.topic == topic,
+            t.c.partition == partition,
+            t.c.offset == offset,
+        )
+    )
+    return t.insert().from_select(
+        ["consumer_group", "topic", "partition", "offset", "event_id", "key", "value",
+         "headers", "error", "attempts"],
+        row,
+    ).returning(t.c.id)
 
 
 def list_dead_letters(
@@ -222,66 +311,6 @@ def _replay_one(engine: Engine, dead_letter_id: int, group: str, handler: Handle
             raise
         session.execute(update(t).where(t.c.id == dead_letter_id).values(replayed_at=func.now()))
     return "applied" if applied else "duplicates"
-
-
-def purge_inbox(
-    conn: Engine | Connection,
-    *,
-    older_than: timedelta,
-    group: str | None = None,
-    batch_size: int = 10_000,
-    now: datetime | None = None,
-) -> int:
-    """Delete inbox rows processed more than `older_than` ago; returns how many.
-
-    Read the retention rule in this module's docstring first: purging too
-    early lets a redelivered message be applied twice.
-
-    Deletes in batches of `batch_size`. Given an `Engine`, each batch is its
-    own short transaction, so a large purge never holds locks for long. Given
-    a `Connection`, the batches run inside the caller's transaction and
-    nothing is committed here. `now` defaults to the database's clock.
-    """
-    if older_than <= timedelta(0):
-        raise ConfigError("older_than", f"must be a positive duration, got {older_than}")
-    if batch_size < 1:
-        raise ConfigError("batch_size", f"must be 1 or more, got {batch_size}")
-    if isinstance(conn, Engine):
-        with conn.connect() as c:
-            cutoff = _cutoff(c, now, older_than)
-        total = 0
-        while True:
-            with conn.begin() as c:
-                deleted = _delete_batch(c, cutoff, group, batch_size)
-            total += deleted
-            if deleted < batch_size:
-                return total
-    cutoff = _cutoff(conn, now, older_than)
-    total = 0
-    while True:
-        deleted = _delete_batch(conn, cutoff, group, batch_size)
-        total += deleted
-        if deleted < batch_size:
-            return total
-
-
-def _cutoff(conn: Connection, now: datetime | None, older_than: timedelta) -> datetime:
-    if now is None:
-        now = conn.execute(select(func.now())).scalar_one()
-    return now - older_than
-
-
-def _delete_batch(conn: Connection, cutoff: datetime, group: str | None, batch_size: int) -> int:
-    t = outbox_inbox
-    victims = select(t.c.consumer_group, t.c.event_id).where(t.c.processed_at < cutoff)
-    if group is not None:
-        victims = victims.where(t.c.consumer_group == group)
-    result = conn.execute(
-        delete(t).where(
-            tuple_(t.c.consumer_group, t.c.event_id).in_(victims.limit(batch_size))
-        )
-    )
-    return int(result.rowcount)
 
 
 def _dead_letter(row: Any) -> DeadLetter:

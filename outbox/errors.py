@@ -6,8 +6,15 @@
     │   └── PayloadTooLargeError    the encoded data is over the configured limit
     ├── PublishError                the broker did not acknowledge an event (carries event id, topic)
     ├── SchemaError                 the database schema is missing or disagrees with the kit
+    │   └── KitStatementError       one of the kit's own statements found its table unusable
     ├── MalformedMessageError       a Kafka message is not a CloudEvent the kit can read
-    └── ParkedEventError            a parked event or dead letter was not found / not replayable
+    ├── ParkedEventError            a parked event or dead letter was not found / not replayable
+    └── HandlerContractError        a consumer's handler did what `outbox.handler` forbids
+        └── TransactionEndedError   ...or its transaction ended below the guard (maybe committed)
+
+`HandlerContractError` and `TransactionEndedError` reach user code that calls
+`apply_event` itself (roll back; after the second, `unclaim_events`); the
+consumer and replay turn them into retries and dead letters.
 
 Messages name what was wrong and what to do. They never contain secrets: a
 database URL is always rendered with its password masked (see `config.safe_url`).
@@ -76,6 +83,26 @@ class MalformedMessageError(OutboxError, ValueError):
 
 class ParkedEventError(OutboxError, LookupError):
     """A parked event or dead letter could not be found or replayed."""
+
+
+class KitStatementError(SchemaError):
+    """One of the kit's own statements found its table missing, older or not usable: never a
+    message's fault, so the consumer raises it instead of retrying or dead-lettering."""
+
+
+class HandlerContractError(OutboxError):
+    """A handler did what the handler contract forbids (see `outbox.handler`)."""
+
+
+class TransactionEndedError(HandlerContractError):
+    """The transaction ended under the handler by a way the guard could not refuse.
+
+    It may have been a COMMIT: then the batch's inbox rows, and whatever the
+    handler wrote before it, are durable. The consumer deletes the inbox rows
+    of the events whose handlers did not complete, so none is skipped as a
+    duplicate, and dead-letters this event at once if its row had been
+    committed (its partial effects then need a person).
+    """
 
 
 def describe_error(exc: BaseException, *, limit: int = 500) -> str:

@@ -10,6 +10,14 @@ yet durable, and those events would then be skipped as duplicates. So the
 handler may read, write, flush and open savepoints of its own
 (`session.begin_nested()`), and must not commit, roll back or close.
 
+It may publish follow-up events with `outbox.publish(session, ...)` (a
+ledger announcing a posting): that is an INSERT into `outbox_event` in the
+same transaction, which the guard lets through, so a follow-up commits
+with its effect and the inbox row or not at all, and a redelivered event
+is skipped before its handler could publish it again. Each follow-up thus
+exists exactly once iff its effect committed, even with a random event id
+(`tests/test_consumer_followups.py` proves it with SIGKILLs).
+
 While a handler runs, `HandlerGuard` holds it to that:
 
     refused at the call        session.commit() rollback() close() reset() invalidate() begin();
@@ -45,7 +53,8 @@ from typing import Any, NoReturn
 from sqlalchemy import Connection, event, select
 from sqlalchemy.orm import Session, SessionTransaction
 
-from outbox.errors import ConfigError, OutboxError
+# The contract's errors live in the one error tree; re-exported here, where they are raised.
+from outbox.errors import ConfigError, HandlerContractError, OutboxError, TransactionEndedError
 from outbox.event import Event
 
 __all__ = [
@@ -95,21 +104,6 @@ _PQTRANS_INERROR = 3  # "idle, in a failed transaction block" (psycopg, psycopg2
 
 _SESSION_METHODS = ("commit", "rollback", "close", "reset", "invalidate")
 _CONNECTION_METHODS = ("commit", "rollback", "close", "invalidate")
-
-
-class HandlerContractError(OutboxError):
-    """A handler did what the handler contract forbids (see `outbox.handler`)."""
-
-
-class TransactionEndedError(HandlerContractError):
-    """The transaction ended under the handler by a way the guard could not refuse.
-
-    It may have been a COMMIT: then the batch's inbox rows, and whatever the
-    handler wrote before it, are durable. The consumer deletes the inbox rows
-    of the events whose handlers did not complete, so none is skipped as a
-    duplicate, and dead-letters this event at once if its row had been
-    committed (its partial effects then need a person).
-    """
 
 
 def handler_name(handler: object) -> str:

@@ -33,7 +33,7 @@ from sqlalchemy import Connection, Engine, select, text
 from sqlalchemy.exc import DBAPIError
 
 from outbox.config import safe_url
-from outbox.errors import ConfigError, SchemaError, first_line
+from outbox.errors import ConfigError, KitStatementError, SchemaError, first_line
 from outbox.schema import VERSION_TABLE, outbox_dead_letter, outbox_inbox
 
 __all__ = ["KitStatementError", "check_consumer_database", "kit_statement", "login_refused"]
@@ -67,11 +67,6 @@ _PRIVILEGES = {
     outbox_inbox.name: ("SELECT", "INSERT", "DELETE"),
     outbox_dead_letter.name: ("SELECT", "INSERT"),
 }
-
-
-class KitStatementError(SchemaError):
-    """One of the kit's own statements found its table missing, older or not usable: never a
-    message's fault, so the consumer raises it instead of retrying or dead-lettering."""
 
 
 def login_refused(exc: BaseException) -> str | None:

@@ -31,11 +31,13 @@ from sqlalchemy import Engine, create_engine, insert, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
-from outbox.consumer import Consumer, ConsumerConfig, apply_event
-from outbox.dead_letters import list_dead_letters, purge_inbox, replay_dead_letters
+from outbox.consumer import Consumer
+from outbox.consumer_config import ConsumerConfig
+from outbox.dead_letters import list_dead_letters, replay_dead_letters
 from outbox.envelope import encode_headers
 from outbox.event import Event
 from outbox.failpoints import FAILPOINT_ENV
+from outbox.inbox import apply_event, purge_inbox
 from outbox.schema import outbox_dead_letter, outbox_inbox
 from tests.consumer_proc import EFFECT_TABLE_DDL, record_effect
 

@@ -34,10 +34,11 @@ from sqlalchemy.orm import Session
 
 from outbox import handler as handler_module
 from outbox import migrate
-from outbox.consumer import Consumer, HandlerContractError, apply_event
+from outbox.consumer import Consumer
 from outbox.dead_letters import list_dead_letters, replay_dead_letters
-from outbox.errors import ConfigError, SchemaError
+from outbox.errors import ConfigError, HandlerContractError, SchemaError
 from outbox.event import Event
+from outbox.inbox import apply_event
 from outbox.kafka_logging import _FILTER, KAFKA_WIRE_LOGGERS, protect_kafka_logs
 from outbox.schema import outbox_inbox
 from tests.consumer_proc import EFFECT_TABLE_DDL, record_effect
@@ -161,7 +162,7 @@ def test_handler_ending_the_batch_transaction_is_refused_and_costs_no_other_even
     with effects.connect() as conn:
         [letter] = list_dead_letters(conn, group)
     assert letter.event_id == offender and letter.attempts == FAST_CONFIG.max_attempts
-    assert letter.error.startswith("outbox.handler.HandlerContractError: ")
+    assert letter.error.startswith("outbox.errors.HandlerContractError: ")
     assert what in letter.error and "tests.test_consumer_misuse" in letter.error
 
 

@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 from sqlalchemy import create_engine
 
-from outbox.consumer import Consumer, ConsumerConfig
+from outbox.consumer import Consumer
+from outbox.consumer_config import ConsumerConfig
 from outbox.dead_letters import import_handler, replay_dead_letters
 from outbox.envelope import decode, encode_headers
 from outbox.errors import ConfigError, MalformedMessageError, describe_error
@@ -352,3 +353,39 @@ def test_kafka_wire_logs_keep_no_sasl_bytes_payloads_or_config_secrets(
     assert "<SaslAuthenticateRequest, contents not logged>" in text
     assert "bytes, not logged>" in text and "'client_id': 'admin'" in text
     assert "Sending a record (key, value and headers not logged) to payments-0" in text
+
+
+def test_any_record_of_the_kafka_record_shape_decodes_into_an_event() -> None:
+    from dataclasses import dataclass
+
+    from outbox.records import KafkaRecord, decode_record, try_decode, where
+
+    @dataclass(frozen=True)
+    class Record:  # what a test or another client library may hand the consumer
+        topic: str
+        partition: int
+        offset: int
+        key: bytes | None
+        value: bytes | None
+        headers: list[tuple[str, bytes]]
+
+    event_id = uuid.uuid4()
+    headers = encode_headers(event_id=event_id, type="payment.captured", source="/tests",
+                             time=datetime.now(UTC), content_type="application/json", headers={})
+    good: KafkaRecord = Record("payments", 2, 41, b"acct-1", b'{"amount": 1}', headers)
+    event = decode_record(good)
+    assert (event.id, event.topic, event.partition, event.offset, event.data) == (
+        event_id, "payments", 2, 41, {"amount": 1}
+    )
+    assert isinstance(try_decode(Record("payments", 2, 42, None, b"{}", [])), MalformedMessageError)
+    assert where(good, 3) == "topic=payments partition=2 offset=41 messages=3"
+
+
+def test_consumer_config_from_env_reads_through_the_generic_reader_and_names_the_variable() -> None:
+    config = ConsumerConfig.from_env({"OUTBOX_CONSUMER_RETRY_BACKOFF_BASE": "0.5",
+                                      "OUTBOX_CONSUMER_POLL_TIMEOUT_MS": ""})
+    assert config.retry_backoff_base == 0.5 and config.poll_timeout_ms == 1000
+    for raw in ("nan", "inf"):
+        with pytest.raises(ConfigError) as raised:
+            ConsumerConfig.from_env({"OUTBOX_CONSUMER_DB_BACKOFF_MAX": raw})
+        assert raised.value.field == "OUTBOX_CONSUMER_DB_BACKOFF_MAX"
