@@ -43,7 +43,7 @@ Command = Callable[[argparse.Namespace], int]
 log = logging.getLogger(__name__)
 
 # An inbox row younger than this is very likely still needed to deduplicate a
-# redelivery (see outbox.dead_letters, "Inbox retention"); purging that young
+# redelivery (see outbox.consumer, "Inbox retention"); purging that young
 # needs --yes.
 SHORTEST_SAFE_PURGE = timedelta(days=1)
 

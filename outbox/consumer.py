@@ -100,12 +100,11 @@ from tenacity import (
     retry_if_exception_type,
     retry_if_not_exception_type,
     stop_after_attempt,
-    wait_exponential,
-    wait_random,
     wait_random_exponential,
 )
 
 from outbox import dead_letters
+from outbox.backoff import backoff, next_retry
 from outbox.config import bootstrap_servers as resolve_bootstrap_servers
 from outbox.config import safe_kafka_config
 from outbox.consumer_config import ConsumerConfig, ConsumerStats, kafka_consumer_settings
@@ -709,10 +708,7 @@ class Consumer:
         # which keeps this member in its group however long the outage lasts.
         return Retrying(
             retry=retry_if_exception_type(_DatabaseUnavailable),
-            # tenacity deprecates wait_exponential_jitter(initial=...); this is the same curve.
-            wait=wait_exponential(
-                multiplier=self.config.db_backoff_base, max=self.config.db_backoff_max
-            ) + wait_random(0, self.config.db_backoff_base),
+            wait=backoff(self.config.db_backoff_base, self.config.db_backoff_max),
             stop=self._must_give_back,
             sleep=self._pause,
             before_sleep=lambda state: self._log_database_wait(where, state),
@@ -771,21 +767,19 @@ class Consumer:
 
     def _log_retry(self, event: Event, state: RetryCallState) -> None:
         self.stats.retries += 1
-        exc = state.outcome.exception() if state.outcome is not None else None
+        exc, wait = next_retry(state)
         log.warning(
             "handler failed, retrying: event=%s type=%s topic=%s partition=%s offset=%s "
             "attempt=%s/%s wait=%.2fs error=%s",
             event.id, event.type, event.topic, event.partition, event.offset,
-            state.attempt_number, self.config.max_attempts,
-            state.next_action.sleep if state.next_action else 0.0,
+            state.attempt_number, self.config.max_attempts, wait,
             describe_error(exc) if exc is not None else "",
         )
 
     def _log_database_wait(self, where: str, state: RetryCallState) -> None:
         # One WARNING per outage, with its reason; the waits after it at DEBUG.
         self.stats.database_waits += 1
-        exc = state.outcome.exception() if state.outcome is not None else None
-        wait = state.next_action.sleep if state.next_action else 0.0
+        exc, wait = next_retry(state)
         if self._outage_started is None:
             self._outage_started = time.monotonic()
             log.warning(

@@ -12,6 +12,7 @@ PUBLIC_API = [
     "ConsumerConfig",
     "ConsumerStats",
     "Event",
+    "HandlerContractError",
     "InvalidEventError",
     "MalformedMessageError",
     "OutboxError",
@@ -19,6 +20,7 @@ PUBLIC_API = [
     "PayloadTooLargeError",
     "PublishError",
     "SchemaError",
+    "TransactionEndedError",
     "publish",
     "publish_async",
 ]
