@@ -36,6 +36,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from outbox import migrate
 from outbox.config import database_url, safe_url
+from outbox.envelope import text_or_hex
 from outbox.errors import ConfigError, OutboxError, describe_error, mask_secrets
 
 Command = Callable[[argparse.Namespace], int]
@@ -438,16 +439,6 @@ def duration(text: str) -> timedelta:
 
 
 # -- output -------------------------------------------------------------------
-
-
-def text_or_hex(value: bytes | None) -> str | None:
-    """Bytes as UTF-8 text when they are, else `hex:...` (how the kit stores odd headers)."""
-    if value is None:
-        return None
-    try:
-        return value.decode("utf-8")
-    except UnicodeDecodeError:
-        return "hex:" + value.hex()
 
 
 def database_error_line(exc: BaseException, args: argparse.Namespace) -> str:

@@ -38,7 +38,6 @@ for code written before they moved).
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import logging
 import uuid
@@ -53,7 +52,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.sql.dml import ReturningInsert
 from sqlalchemy.types import LargeBinary
 
-from outbox.envelope import decode, headers_as_json
+from outbox.envelope import bytes_from_text_or_hex, decode, headers_as_json
 from outbox.errors import ConfigError, KitStatementError, ParkedEventError, describe_error
 from outbox.handler import Handler, TransactionEndedError, check_handler
 from outbox.inbox import apply_event, purge_inbox, unclaim_events
@@ -75,7 +74,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_HEX = "hex:"  # how `envelope.headers_as_json` stores a header that is not UTF-8
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -120,7 +118,7 @@ def park(
     insert = _dead_letter_insert(
         group=group, topic=record.topic, partition=record.partition, offset=record.offset,
         event_id=event_id, key=record.key, value=record.value,
-        headers=_storable_headers(record.headers), error=error, attempts=attempts,
+        headers=headers_as_json(record.headers), error=error, attempts=attempts,
     )
     with kit_statement(f"parking a message in {outbox_dead_letter.name}"):
         # RETURNING, not rowcount: psycopg reports -1 for an INSERT ... SELECT.
@@ -136,17 +134,6 @@ def raw_event_id(headers: Sequence[tuple[str, bytes]] | None) -> uuid.UUID | Non
             except (ValueError, UnicodeDecodeError, AttributeError):
                 return None
     return None
-
-
-def _storable_headers(headers: Sequence[tuple[str, bytes]] | None) -> dict[str, str]:
-    # JSONB refuses \u0000: a header with a NUL byte (a malformed message may
-    # carry anything) is stored hex-encoded, as non-UTF-8 ones already are.
-    stored = headers_as_json(headers)
-    for name, raw in headers or ():
-        if "\x00" in name or "\x00" in stored.get(name, ""):
-            stored.pop(name, None)
-            stored[name.replace("\x00", "\\x00")] = "hex:" + bytes(raw or b"").hex()
-    return stored
 
 
 def _dead_letter_insert(
@@ -299,7 +286,8 @@ def _replay_one(engine: Engine, dead_letter_id: int, group: str, handler: Handle
         letter = _dead_letter(row._mapping)
         event = decode(
             topic=letter.topic, partition=letter.partition, offset=letter.offset,
-            key=letter.key, value=letter.value, headers=_headers_from_json(letter.headers),
+            key=letter.key, value=letter.value,
+            headers=[(name, bytes_from_text_or_hex(v)) for name, v in letter.headers.items()],
         )
         try:
             applied = apply_event(session, group=group, event=event, handler=handler)
@@ -315,18 +303,6 @@ def _replay_one(engine: Engine, dead_letter_id: int, group: str, handler: Handle
 
 def _dead_letter(row: Any) -> DeadLetter:
     return DeadLetter(**{name: row[name] for name in DeadLetter.__dataclass_fields__})
-
-
-def _headers_from_json(headers: dict[str, str]) -> list[tuple[str, bytes]]:
-    """The inverse of `envelope.headers_as_json`: values it hex-encoded become bytes again."""
-    result: list[tuple[str, bytes]] = []
-    for name, value in headers.items():
-        raw = value.encode()
-        if value.startswith(_HEX):
-            with contextlib.suppress(ValueError):
-                raw = bytes.fromhex(value[len(_HEX):])
-        result.append((name, raw))
-    return result
 
 
 def discard_dead_letters(

@@ -18,6 +18,7 @@ CloudEvents producers may write them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
@@ -148,15 +149,40 @@ def decode(
     )
 
 
+HEX_PREFIX = "hex:"
+
+
+def text_or_hex(raw: bytes | None) -> str | None:
+    """Bytes as their UTF-8 text, else `hex:` and their hex digits.
+
+    The kit's one way to write bytes where only text fits: a JSONB column
+    (dead-letter headers) or a JSON line (`outbox dead-letters list`). Text
+    holding a NUL is written as hex too, since JSONB refuses \\u0000.
+    `bytes_from_text_or_hex` reverses it.
+    """
+    if raw is None:
+        return None
+    try:
+        text = bytes(raw).decode()
+    except UnicodeDecodeError:
+        return HEX_PREFIX + bytes(raw).hex()
+    return HEX_PREFIX + bytes(raw).hex() if "\x00" in text else text
+
+
+def bytes_from_text_or_hex(value: str) -> bytes:
+    """The bytes `text_or_hex` wrote `value` for."""
+    if value.startswith(HEX_PREFIX):
+        with contextlib.suppress(ValueError):
+            return bytes.fromhex(value[len(HEX_PREFIX):])
+    return value.encode()
+
+
 def headers_as_json(headers: Sequence[tuple[str, bytes]] | None) -> dict[str, str]:
-    """Headers in a form a JSONB column can hold (undecodable bytes shown as hex)."""
-    result: dict[str, str] = {}
-    for name, raw in headers or ():
-        try:
-            result[name] = raw.decode()
-        except (UnicodeDecodeError, AttributeError):
-            result[name] = "hex:" + bytes(raw or b"").hex()
-    return result
+    """Headers in a form a JSONB column can hold: values by `text_or_hex`, a NUL in a name escaped."""
+    return {
+        name.replace("\x00", "\\x00"): text_or_hex(bytes(raw or b"")) or ""
+        for name, raw in headers or ()
+    }
 
 
 def _refuse_constant(name: str) -> NoReturn:
