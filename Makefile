@@ -16,7 +16,7 @@ PYTHON ?= $(shell for p in python3.13 python3.12 python3.11 python3; do \
 	   $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' >/dev/null 2>&1; then \
 	   command -v $$p; break; fi; done)
 
-.PHONY: venv services test faults demo lint down clean bench bench-quick bench-db
+.PHONY: venv services test unit faults demo lint down clean bench bench-quick bench-db
 
 ## venv: .venv with the kit and its dev extra; re-installs only when pyproject.toml changes
 venv: $(STAMP)
@@ -32,12 +32,16 @@ $(STAMP): pyproject.toml
 services:
 	@$(DEVSTACK) up
 
-## test: the whole test suite against the devstack services
+## test: the whole test suite (tests/unit and tests/integration) against the devstack services
 test: venv services
 	@eval "$$($(DEVSTACK) env)"; \
 	export OUTBOX_TEST_DATABASE_URL="$${OUTBOX_TEST_DATABASE_URL:-$$OUTBOX_DATABASE_URL}"; \
 	export OUTBOX_TEST_KAFKA_BOOTSTRAP_SERVERS="$${OUTBOX_TEST_KAFKA_BOOTSTRAP_SERVERS:-$$OUTBOX_KAFKA_BOOTSTRAP_SERVERS}"; \
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+
+## unit: the unit tests alone (tests/unit): no service needed, a few seconds
+unit: venv
+	@$(VENV)/bin/pytest -q tests/unit $(PYTEST_ARGS)
 
 ## faults: the long fault-injection run (OUTBOX_FAULTS_SECONDS, default here 600; OUTBOX_FAULTS_SEED)
 faults: venv services
@@ -78,8 +82,8 @@ bench-db: services
 
 ## lint: ruff and mypy --strict on the library
 lint: venv
-	$(VENV)/bin/ruff check outbox relay harness
-	$(VENV)/bin/mypy --strict outbox relay
+	$(VENV)/bin/ruff check outbox relay harness tests bench examples
+	$(VENV)/bin/mypy --strict outbox relay harness
 
 ## down: stop every devstack service (state is kept)
 down:

@@ -58,7 +58,7 @@ session it is given (a ledger announcing a posting). The outbox row is
 then part of the consumer's transaction: it commits with the effect and
 the inbox row, or not at all, so each follow-up exists exactly once iff
 its effect committed, whatever kills the consumer when (proved by
-`tests/test_consumer_followups.py`). A follow-up's event id may be random;
+`tests/integration/test_consumer_followups.py`). A follow-up's event id may be random;
 the inbox, not the id, is what keeps a redelivery from publishing it twice.
 
 Where the rest lives: this module is the loop (lifecycle, poll, the

@@ -16,7 +16,7 @@ same transaction, which the guard lets through, so a follow-up commits
 with its effect and the inbox row or not at all, and a redelivered event
 is skipped before its handler could publish it again. Each follow-up thus
 exists exactly once iff its effect committed, even with a random event id
-(`tests/test_consumer_followups.py` proves it with SIGKILLs).
+(`tests/integration/test_consumer_followups.py` proves it with SIGKILLs).
 
 While a handler runs, `HandlerGuard` holds it to that:
 

@@ -243,7 +243,7 @@ SELECT shard, count(*) FROM published GROUP BY shard
 
 # The columns of `Row`, in its order. to_char matches format_time's
 # isoformat(timespec="microseconds") to the character, whatever the session's
-# TimeZone; tests/test_relay.py checks that they agree.
+# TimeZone; tests/integration/test_relay.py checks that they agree.
 _FETCH_SHARDS = f"""
 SELECT id::text, topic, key, type, payload, content_type, headers::text,
        to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')

@@ -42,7 +42,7 @@ from outbox.inbox import apply_event
 from outbox.kafka_logging import _FILTER, KAFKA_WIRE_LOGGERS, protect_kafka_logs
 from outbox.schema import outbox_inbox
 from tests.consumer_proc import EFFECT_TABLE_DDL, record_effect
-from tests.test_consumer import (
+from tests.integration.test_consumer import (
     FAST_CONFIG,
     FAST_KAFKA,
     FlakyProxy,
@@ -163,7 +163,7 @@ def test_handler_ending_the_batch_transaction_is_refused_and_costs_no_other_even
         [letter] = list_dead_letters(conn, group)
     assert letter.event_id == offender and letter.attempts == FAST_CONFIG.max_attempts
     assert letter.error.startswith("outbox.errors.HandlerContractError: ")
-    assert what in letter.error and "tests.test_consumer_misuse" in letter.error
+    assert what in letter.error and "tests.integration.test_consumer_misuse" in letter.error
 
 
 @pytest.mark.parametrize("misuse", ["session.commit", "connection.commit", "COMMIT statement",

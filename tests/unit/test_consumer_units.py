@@ -251,9 +251,9 @@ def test_statements_that_end_the_transaction_are_recognised(statement: str, ends
 
 
 def test_handler_name_is_what_import_handler_takes() -> None:
-    assert handler_name(_two) == "tests.test_consumer_units:_two"
-    assert handler_name(functools.partial(_three, None)) == "tests.test_consumer_units:_three"
-    assert handler_name(_Callable()) == "tests.test_consumer_units:_Callable"
+    assert handler_name(_two) == "tests.unit.test_consumer_units:_two"
+    assert handler_name(functools.partial(_three, None)) == "tests.unit.test_consumer_units:_three"
+    assert handler_name(_Callable()) == "tests.unit.test_consumer_units:_Callable"
 
 
 # -- messages publish never writes -------------------------------------------------------

@@ -15,12 +15,10 @@ from sqlalchemy.orm import Session
 
 import outbox
 from outbox.envelope import encode_headers
-from outbox.errors import ConfigError
 from outbox.parked import list_parked, replay_parked
 from outbox.schema import outbox_event, outbox_parked
 from outbox.stats import outbox_stats
 from relay import RelayConfig
-from relay.kafka import producer_config
 from tests import services
 from tests.kafka_helpers import (
     first_occurrences,
@@ -359,37 +357,6 @@ def _lease_owners(engine: Engine) -> set[str]:
         )).scalars())
 
 
-@pytest.mark.parametrize(
-    ("override", "setting"),
-    [
-        ({"acks": 1}, "OUTBOX_KAFKA_ACKS"),
-        ({"enable_idempotence": False}, "OUTBOX_KAFKA_ENABLE_IDEMPOTENCE"),
-        ({"max_in_flight_requests_per_connection": 6}, "OUTBOX_KAFKA_MAX_IN_FLIGHT_REQUESTS_PER_CONNECTION"),
-        ({"retries": 0}, "OUTBOX_KAFKA_RETRIES"),
-        ({"transactional_id": "x"}, "OUTBOX_KAFKA_TRANSACTIONAL_ID"),
-    ],
-)
-def test_relay_refuses_settings_that_break_order_or_idempotence(
-    override: dict[str, object], setting: str
-) -> None:
-    with pytest.raises(ConfigError) as raised:
-        producer_config("127.0.0.1:9092", override)
-    assert raised.value.field == setting
-
-
-def test_relay_config_never_shows_the_password() -> None:
-    config = RelayConfig(
-        database_url="postgresql+psycopg://app:s3cret@db/payments",
-        bootstrap_servers="k:9092",
-        kafka={"sasl_plain_password": "hunter2"},
-    )
-    assert "s3cret" not in repr(config) and "hunter2" not in repr(config)
-    with pytest.raises(ConfigError, match="batch_size"):
-        RelayConfig(database_url="postgresql://x/y", bootstrap_servers="k:1", batch_size=0)
-
-
-
-
 def test_confluent_publisher_keeps_commit_order_and_the_same_envelope(
     clean_db: Engine, database_url: str, bootstrap_servers: str, topic: str
 ) -> None:
@@ -402,129 +369,3 @@ def test_confluent_publisher_keeps_commit_order_and_the_same_envelope(
     assert received[0].headers["ce_specversion"] == b"1.0"
     key_of = {event_id: f"key-{i % 7}" for i, event_id in enumerate(ids)}
     _assert_in_commit_order(ids, first_occurrences(received), key_of)
-
-
-def test_confluent_publisher_refuses_unsafe_settings() -> None:
-    from relay.confluent import confluent_config
-
-    with pytest.raises(ConfigError):
-        confluent_config("127.0.0.1:9092", {"acks": 1})
-
-
-def test_every_publisher_name_is_a_line_of_the_table_and_the_config_takes_exactly_those() -> None:
-    from relay.publishers import PUBLISHERS
-
-    assert set(PUBLISHERS) == {"kafka-python", "confluent"}
-    for name in PUBLISHERS:
-        RelayConfig(database_url="postgresql://x/y", bootstrap_servers="k:1", publisher=name)
-    with pytest.raises(ConfigError, match="kafka-python, confluent"):
-        RelayConfig(database_url="postgresql://x/y", bootstrap_servers="k:1", publisher="rabbit")
-
-
-def test_a_publisher_whose_client_is_not_installed_is_one_line_naming_the_setting(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    from relay import publishers
-
-    monkeypatch.setitem(
-        publishers.PUBLISHERS, "absent",
-        publishers.Transport("relay.no_such_transport:Publisher", "absent-client", "absent"),
-    )
-    config = RelayConfig(database_url="postgresql://x/y", bootstrap_servers="k:1", publisher="absent")
-    with pytest.raises(ConfigError) as raised:
-        publishers.make_publisher(config)
-    assert raised.value.field == "OUTBOX_RELAY_PUBLISHER"
-    assert str(raised.value) == (
-        "OUTBOX_RELAY_PUBLISHER: absent needs the absent-client package: "
-        "pip install 'outbox-kit[absent]'"
-    )
-
-
-def test_a_publisher_is_imported_only_when_a_relay_chooses_it() -> None:
-    """A third transport's client library stays optional: making and checking a
-    config imports no Kafka client, making the relay imports only the chosen one."""
-    import subprocess
-    import sys
-
-    from tests.kafka_helpers import REPO
-
-    script = (
-        "import sys\n"
-        "from relay.config import RelayConfig\n"
-        "from relay.publishers import make_publisher\n"
-        "config = RelayConfig(database_url='postgresql://x/y', bootstrap_servers='k:1')\n"
-        "clients = ('relay.kafka', 'relay.confluent', 'confluent_kafka')\n"
-        "assert not [m for m in clients if m in sys.modules], sys.modules\n"
-        "make_publisher(config).close()\n"
-        "assert 'relay.kafka' in sys.modules\n"
-        "assert 'relay.confluent' not in sys.modules and 'confluent_kafka' not in sys.modules\n"
-    )
-    subprocess.run([sys.executable, "-c", script], cwd=REPO, check=True, timeout=60)
-
-
-def test_the_backoff_curve_doubles_from_base_up_to_cap_with_at_most_base_of_jitter() -> None:
-    from tenacity import RetryCallState, Retrying
-
-    from outbox.backoff import backoff
-
-    wait = backoff(0.2, 1.0)
-    state = RetryCallState(retry_object=Retrying(), fn=None, args=(), kwargs={})
-    for attempt, steady in [(1, 0.2), (2, 0.4), (3, 0.8), (4, 1.0), (30, 1.0)]:
-        state.attempt_number = attempt
-        waits = [wait(state) for _ in range(200)]
-        assert all(steady <= w <= steady + 0.2 for w in waits), (attempt, min(waits), max(waits))
-        assert max(waits) - min(waits) > 0.05  # jittered: relays restarted together drift apart
-
-
-def test_the_relay_statements_take_their_table_names_from_the_schema() -> None:
-    """One home for table names: a table renamed in outbox/schema.py is renamed in
-    every relay statement, and no string in relay/store.py spells one again."""
-    import ast
-    import re
-
-    from outbox.schema import metadata
-    from relay import store
-
-    tables = {t.name for t in metadata.tables.values()}
-    tree = ast.parse(Path(store.__file__).read_text())
-    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
-                  if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef))
-                  and node.body and isinstance(node.body[0], ast.Expr)}
-    spelled = [node.value for node in ast.walk(tree)
-               if isinstance(node, ast.Constant) and isinstance(node.value, str)
-               and id(node) not in docstrings
-               and tables & set(re.findall(r"\w+", node.value))]
-    assert spelled == []
-    assert set(store._TABLES) <= tables and f"FROM {store.EVENT}\n" in store._FETCH_SHARDS
-
-
-def test_the_version_table_has_one_name_for_the_cli_and_for_plain_alembic() -> None:
-    """`outbox db ...` and `alembic -c alembic.ini` must record the revision in the
-    same table, or each would think the other's database is unmigrated."""
-    from outbox import migrate, schema
-
-    assert migrate.VERSION_TABLE is schema.VERSION_TABLE
-    env_py = (Path(migrate.__file__).parent.parent / "migrations" / "env.py").read_text()
-    assert "from outbox.schema import VERSION_TABLE" in env_py and schema.VERSION_TABLE not in env_py
-
-
-def test_a_retry_log_line_sees_the_failure_and_the_wait_that_follows_it() -> None:
-    from tenacity import Retrying, stop_after_attempt
-
-    from outbox.backoff import backoff, next_retry
-
-    slept: list[float] = []
-    seen: list[tuple[BaseException | None, float]] = []
-    calls = iter([OSError("broker down"), OSError("still down"), None])
-
-    def flaky() -> str:
-        failure = next(calls)
-        if failure is not None:
-            raise failure
-        return "ok"
-
-    retrying = Retrying(wait=backoff(0.2, 1.0), stop=stop_after_attempt(5), sleep=slept.append,
-                        before_sleep=lambda state: seen.append(next_retry(state)), reraise=True)
-    assert retrying(flaky) == "ok"
-    assert [str(exc) for exc, _ in seen] == ["broker down", "still down"]
-    assert [wait for _, wait in seen] == slept and 0.2 <= slept[0] <= 0.4 <= slept[1] <= 0.6

@@ -19,7 +19,6 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
 import outbox
-from outbox.errors import ConfigError
 from outbox.parked import list_parked
 from outbox.schema import SHARDS, outbox_event
 from outbox.writer import DEFAULT_MAX_PAYLOAD_BYTES
@@ -269,29 +268,6 @@ def test_a_second_relay_with_the_same_id_is_refused_at_start(
 
 # -- settings read and shown ----------------------------------------------------
 
-def test_relay_listen_takes_the_boolean_words_and_refuses_others() -> None:
-    base = {"OUTBOX_DATABASE_URL": "postgresql+psycopg://u:p@db/x",
-            "OUTBOX_KAFKA_BOOTSTRAP_SERVERS": "k:9092"}
-    for word in ("off", "no", "0", "false", "OFF"):
-        assert RelayConfig.from_env({**base, "OUTBOX_RELAY_LISTEN": word}).listen is False
-    assert RelayConfig.from_env({**base, "OUTBOX_RELAY_LISTEN": "on"}).listen is True
-    with pytest.raises(ConfigError, match="OUTBOX_RELAY_LISTEN"):
-        RelayConfig.from_env({**base, "OUTBOX_RELAY_LISTEN": "sometimes"})
-
-
-def test_relay_config_repr_and_describe_never_show_a_secret() -> None:
-    config = RelayConfig.from_env({
-        "OUTBOX_DATABASE_URL": "postgresql+psycopg://app@db/payments?password=q-s3cret-1",
-        "OUTBOX_KAFKA_BOOTSTRAP_SERVERS": "k:9092",
-        "OUTBOX_KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
-        "OUTBOX_KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
-        "OUTBOX_KAFKA_SASL_PLAIN_USERNAME": "relay",
-        "OUTBOX_KAFKA_SASL_PLAIN_PASSWORD": "k-s3cret-2",
-    })
-    for shown in (repr(config), config.describe(), str(config)):
-        assert "q-s3cret-1" not in shown and "k-s3cret-2" not in shown
-        assert "SCRAM-SHA-512" in shown  # the rest is still there to read
-
 
 # -- a topic that does not exist -------------------------------------------------
 
@@ -408,68 +384,3 @@ def test_an_unreachable_broker_is_waited_out_and_logged_once(
                    timeout=30, what="three failed attempts")
     failed = [r for r in caplog.records if "relay round failed" in r.getMessage()]
     assert [r.levelno for r in failed].count(logging.WARNING) == 1, [r.getMessage() for r in failed]
-
-
-_BASE_ENV = {"OUTBOX_DATABASE_URL": "postgresql+psycopg://u:p@db/x", "OUTBOX_KAFKA_BOOTSTRAP_SERVERS": "k:9092"}
-
-
-@pytest.mark.parametrize(("variable", "raw", "message"), [
-    ("OUTBOX_RELAY_BATCH_SIZE", "0", "OUTBOX_RELAY_BATCH_SIZE: 0 is out of range 1..10000"),
-    ("OUTBOX_RELAY_BATCH_SIZE", "lots", "OUTBOX_RELAY_BATCH_SIZE: 'lots' is not an integer"),
-    ("OUTBOX_RELAY_POLL_INTERVAL", "inf", "OUTBOX_RELAY_POLL_INTERVAL: 'inf' is not a finite number"),
-    ("OUTBOX_RELAY_LEASE_TTL", "0.1", "OUTBOX_RELAY_LEASE_TTL: 0.1 is out of range 0.3..300 s"),
-    ("OUTBOX_RELAY_PUBLISHER", "rabbit",
-     "OUTBOX_RELAY_PUBLISHER: 'rabbit' is not one of kafka-python, confluent"),
-])
-def test_a_relay_setting_out_of_range_names_its_variable(variable: str, raw: str, message: str) -> None:
-    with pytest.raises(ConfigError) as raised:
-        RelayConfig.from_env({**_BASE_ENV, variable: raw})
-    assert str(raised.value) == message
-
-
-def test_relay_settings_from_the_environment_and_keywords_the_keywords_winning() -> None:
-    config = RelayConfig.from_env(
-        {**_BASE_ENV, "OUTBOX_RELAY_ID": "relay-a", "OUTBOX_RELAY_BATCH_SIZE": "7",
-         "OUTBOX_RELAY_SOURCE": "payments", "OUTBOX_KAFKA_LINGER_MS": "3"},
-        batch_size=None, poll_interval=0.5, database_url="postgres://v@db2/y",
-    )
-    assert (config.relay_id, config.batch_size, config.poll_interval, config.source) == (
-        "relay-a", 7, 0.5, "payments"
-    )
-    assert config.database_url == "postgresql+psycopg://v@db2/y"
-    assert config.kafka == {"linger_ms": 3}
-    assert RelayConfig.from_env({**_BASE_ENV, "OUTBOX_RELAY_ID": ""}).relay_id  # unset: a unique one
-    with pytest.raises(ConfigError, match=r"^batch_size: 0 is out of range"):  # a keyword: the field
-        RelayConfig.from_env(_BASE_ENV, batch_size=0)
-    with pytest.raises(ConfigError, match=r"^OUTBOX_DATABASE_URL: not set"):
-        RelayConfig.from_env({"OUTBOX_KAFKA_BOOTSTRAP_SERVERS": "k:9092"})
-    with pytest.raises(TypeError, match="batchsize"):  # a misspelt keyword is not dropped in silence
-        RelayConfig.from_env(_BASE_ENV, batchsize=3)
-
-
-def test_the_command_line_runs_db_commands_without_importing_the_relay_daemon() -> None:
-    """`outbox db upgrade` used to import relay.daemon (and with it the relay loop,
-    psycopg's relay store and kafka-python) just to build its parser, and
-    `import outbox` loaded kafka-python with the consumer."""
-    import subprocess
-    import sys
-
-    from tests.kafka_helpers import REPO
-
-    script = (
-        "import sys\n"
-        "before = set(sys.modules)\n"
-        "from outbox import cli\n"
-        "args = cli.build_parser().parse_args(['db', 'upgrade', '--sql'])\n"
-        "assert args.command is cli.db_upgrade\n"
-        "assert cli.main(['db', 'history']) == 0\n"
-        "loaded = set(sys.modules) - before\n"
-        "heavy = [m for m in loaded if m.split('.')[0] in ('kafka', 'confluent_kafka')\n"
-        "         or m in ('relay.relay', 'relay.daemon', 'relay.kafka', 'relay.confluent',\n"
-        "                  'relay.store', 'relay.leases')]\n"
-        "assert not heavy, sorted(heavy)\n"
-        "assert 'relay.relay' not in sys.modules and 'relay.daemon' not in sys.modules\n"
-    )
-    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True,
-                          timeout=60)
-    assert done.returncode == 0, done.stderr

@@ -389,7 +389,7 @@ def test_handler_rolling_back_the_session_loses_nothing_of_its_batch(
     # Against the handler contract: the rollback is refused (it would take the
     # batch's earlier messages with it, and the session would quietly begin a
     # new transaction), the attempt fails, the earlier messages are applied
-    # again and this one is retried. tests/test_consumer_misuse.py tries every
+    # again and this one is retried. tests/integration/test_consumer_misuse.py tries every
     # other way of ending the transaction.
     events = [cloud_event() for _ in range(3)]
     ids = [event_id for event_id, _ in events]

@@ -26,7 +26,7 @@ from tests.schemas import empty_schema
 
 SECRET = "S3cr3tXYZ"
 # A handler of the right shape, so that a replay gets as far as the database.
-HANDLER = "tests.test_cli_misuse:ignore_event"
+HANDLER = "tests.integration.test_cli_misuse:ignore_event"
 
 
 def ignore_event(session: object, event: object) -> None:

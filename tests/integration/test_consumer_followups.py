@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session
 from outbox.event import Event
 from outbox.failpoints import FAILPOINT_ENV
 from tests.followup_proc import EFFECT_TABLE_DDL, FOLLOWUP_TYPE, post_and_announce
-from tests.test_consumer import cloud_event, consumer_for, drain, produce
+from tests.integration.test_consumer import cloud_event, consumer_for, drain, produce
 
 pytestmark = pytest.mark.integration
 
