@@ -81,16 +81,14 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
 from types import FrameType
 from typing import Any, TypeVar
 
 from kafka import KafkaConsumer
-from kafka.consumer.subscription_state import ConsumerRebalanceListener
-from kafka.errors import KafkaError
-from kafka.structs import OffsetAndMetadata, TopicPartition
+from kafka.structs import TopicPartition
 from sqlalchemy import Engine, select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
@@ -122,6 +120,7 @@ from outbox.failpoints import failpoint
 from outbox.handler import Handler, HandlerGuard, check_handler, handler_name
 from outbox.inbox import apply_event, claim, unclaim_events
 from outbox.kafka_logging import protect_kafka_logs
+from outbox.offsets import GroupOffsets
 from outbox.preflight import check_consumer_database, login_refused
 from outbox.records import KafkaRecord, decode_record, try_decode, where
 from outbox.schema import outbox_dead_letter
@@ -249,8 +248,7 @@ class Consumer:
         self._sleep = sleep if sleep is not None else self._stopping_wait
         self._stopping = threading.Event()
         self._closed = False
-        self._kafka: Any = None
-        self._pending: dict[TopicPartition, int] = {}  # next offset to commit, per partition
+        self._offsets = GroupOffsets(self._kafka_config, group=group, topics=self.topics)
         self._deadline = 0.0
         self._database_checked = False  # the start checks passed (see outbox.preflight)
         self._outage_started: float | None = None  # monotonic time of the outage's first wait
@@ -290,11 +288,7 @@ class Consumer:
         if self._closed:
             return
         self._closed = True
-        if self._kafka is not None:
-            try:
-                self._commit()
-            finally:
-                self._kafka.close(autocommit=False)
+        self._offsets.close()
 
     def __enter__(self) -> Consumer:
         return self
@@ -324,11 +318,7 @@ class Consumer:
             self._deadline = time.monotonic() + self._budget
             if not self._check_database():
                 return 0  # the database does not answer yet: nothing read, nothing joined
-        kafka = self._kafka_consumer()
-        self._commit()  # a commit that failed last time, before a poll can rebalance
-        batch: dict[TopicPartition, list[KafkaRecord]] = kafka.poll(
-            timeout_ms=timeout_ms, max_records=self.config.poll_batch_size
-        )
+        batch = self._offsets.poll(timeout_ms, self.config.poll_batch_size)
         self._deadline = time.monotonic() + self._budget
         progress = {tp: records[0].offset for tp, records in batch.items() if records}
         records = [record for records in batch.values() for record in records]
@@ -336,8 +326,7 @@ class Consumer:
 
         def done(record: KafkaRecord) -> None:  # its transaction committed: its offset may follow
             nonlocal handled
-            tp = TopicPartition(record.topic, record.partition)
-            progress[tp] = self._pending[tp] = record.offset + 1
+            progress[TopicPartition(record.topic, record.partition)] = self._offsets.done(record)
             handled += 1
 
         alone_until = 0  # messages of a batch whose transaction failed as a whole go alone
@@ -367,12 +356,12 @@ class Consumer:
                     self._handle_alone(record, error)
                     done(record)
         except _GiveBack:
-            self._give_back(batch, progress)
+            self._offsets.give_back(batch, progress)
         except BaseException:
-            self._give_back(batch, progress)
+            self._offsets.give_back(batch, progress)
             raise
         finally:
-            self._commit()
+            self._offsets.commit()
         return handled
 
     def _apply_batch(
@@ -647,51 +636,6 @@ class Consumer:
         self._database_checked = True
         return True
 
-    # -- offsets ---------------------------------------------------------------
-
-    def _commit(self) -> None:
-        if not self._pending or self._kafka is None:
-            return
-        offsets = {tp: OffsetAndMetadata(offset, "", -1) for tp, offset in self._pending.items()}
-        try:
-            self._kafka.commit(offsets)
-        except KafkaError as exc:
-            if getattr(exc, "retriable", False):
-                log.warning("offset commit failed, retrying after the next batch: %s",
-                            describe_error(exc))
-                return
-            # The group moved on (rebalance, eviction): the new owner re-reads
-            # from the last committed offset and the inbox skips what we applied.
-            log.warning("offset commit refused, handled messages will be re-read and "
-                        "deduplicated: group=%s error=%s", self.group, describe_error(exc))
-        self._pending.clear()
-
-    def _give_back(
-        self, batch: Mapping[TopicPartition, list[KafkaRecord]], progress: Mapping[TopicPartition, int]
-    ) -> None:
-        for tp, records in batch.items():
-            if records and progress[tp] <= records[-1].offset:
-                self._kafka.seek(tp, progress[tp])
-
-    def _forget(self, partitions: Sequence[TopicPartition]) -> None:
-        # Called inside poll(), after run_once committed everything handled, so
-        # anything left here is a commit that failed; the next owner re-reads it.
-        for tp in partitions:
-            self._pending.pop(tp, None)
-
-    def _kafka_consumer(self) -> Any:
-        if self._kafka is None:
-            kafka = KafkaConsumer(**self._kafka_config)
-            # Learn the topics' partitions before joining: a group leader whose
-            # metadata lacks a topic assigns nobody its partitions, and the group
-            # only notices at the next metadata refresh (minutes later).
-            for topic in self.topics:
-                if not kafka.partitions_for_topic(topic):
-                    log.warning("topic %s does not exist (yet); consuming it once it does", topic)
-            kafka.subscribe(topics=list(self.topics), listener=_RebalanceListener(self))
-            self._kafka = kafka
-        return self._kafka
-
     # -- waiting and stopping --------------------------------------------------
 
     def _stopping_wait(self, seconds: float) -> None:
@@ -805,23 +749,3 @@ class Consumer:
             "partition=%s offset=%s messages=%s error=%s",
             self.group, first.topic, first.partition, first.offset, len(records), exc,
         )
-
-
-class _RebalanceListener(ConsumerRebalanceListener):  # type: ignore[misc]  # kafka is untyped
-    # kafka-python runs these on its IO thread while run_once is blocked in
-    # poll(); they must not call blocking consumer APIs such as commit().
-    def __init__(self, consumer: Consumer) -> None:
-        self._consumer = consumer
-
-    def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
-        log.info("partitions revoked: group=%s partitions=%s", self._consumer.group,
-                 _partitions(revoked))
-        self._consumer._forget(list(revoked))
-
-    def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
-        log.info("partitions assigned: group=%s partitions=%s", self._consumer.group,
-                 _partitions(assigned))
-
-
-def _partitions(tps: Sequence[TopicPartition]) -> str:
-    return ",".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(tps))

@@ -21,7 +21,6 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -31,6 +30,7 @@ from sqlalchemy import Engine, create_engine, insert, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
+from harness.devstack import REPO
 from outbox.consumer import Consumer
 from outbox.consumer_config import ConsumerConfig
 from outbox.dead_letters import list_dead_letters, replay_dead_letters
@@ -43,7 +43,6 @@ from tests.consumer_proc import EFFECT_TABLE_DDL, record_effect
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parent.parent
 FAST_KAFKA: dict[str, Any] = {"session_timeout_ms": 6000, "heartbeat_interval_ms": 1000}
 FAST_CONFIG = ConsumerConfig(
     max_attempts=3, retry_backoff_base=0.01, retry_backoff_max=0.05,
@@ -914,7 +913,7 @@ def test_committed_offsets_never_pass_an_uncommitted_transaction(
     for offset, offsets in seen:
         assert offsets.get(2, 0) <= offset
     assert committed(admin, group) == {2: 3}
-    assert TopicPartition(topic, 2) not in consumer._pending
+    assert TopicPartition(topic, 2) not in consumer._offsets.pending
 
 
 # -- rebalance -----------------------------------------------------------------

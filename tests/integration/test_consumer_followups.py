@@ -18,12 +18,12 @@ import sys
 import time
 import uuid
 from collections import Counter
-from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
 
+from harness.devstack import REPO
 from outbox.event import Event
 from outbox.failpoints import FAILPOINT_ENV
 from tests.followup_proc import EFFECT_TABLE_DDL, FOLLOWUP_TYPE, post_and_announce
@@ -31,7 +31,6 @@ from tests.integration.test_consumer import cloud_event, consumer_for, drain, pr
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parent.parent
 EVENTS = 200
 
 

@@ -397,7 +397,7 @@ def test_dead_letter_line_says_already_parked_only_for_a_redelivery(
         [first] = [r.getMessage() for r in caplog.records if "dead-lettered" in r.getMessage()]
         assert "already parked" not in first
         caplog.clear()
-        consumer._kafka.seek(TopicPartition(topic, 0), 0)  # the same message read again
+        consumer._offsets.client.seek(TopicPartition(topic, 0), 0)  # the same message read again
         drain(consumer, lambda: consumer.stats.dead_lettered == 2)
     [again] = [r.getMessage() for r in caplog.records if "dead-lettered" in r.getMessage()]
     assert again.endswith("(already parked before)")
@@ -429,7 +429,7 @@ def test_wrong_database_password_at_start_is_one_config_error_and_touches_nothin
     assert "\n" not in message and "not-the-password-5e3" not in message
     assert "password authentication failed" in message and "OUTBOX_DATABASE_URL" in message
     assert raised.value.__cause__ is None and raised.value.__suppress_context__
-    assert consumer._kafka is None  # never joined the group, never read a message
+    assert consumer._offsets.client is None  # never joined the group, never read a message
     assert committed(admin, group) == {}
     with effects.connect() as conn:
         assert list_dead_letters(conn, group) == []
@@ -475,7 +475,7 @@ def test_consumer_against_missing_or_older_tables_fails_in_one_line_before_readi
     assert expected in message and "run `outbox db upgrade`" in message
     assert "\n" not in message and "4111" not in message
     assert raised.value.__cause__ is None
-    assert consumer._kafka is None and committed(admin, group) == {}
+    assert consumer._offsets.client is None and committed(admin, group) == {}
 
 
 def test_role_without_a_grant_is_a_config_error_at_start(

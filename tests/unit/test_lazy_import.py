@@ -8,14 +8,13 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from harness.devstack import REPO
 
 
 def _run(code: str) -> str:
     done = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, capture_output=True, text=True,
+        [sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, capture_output=True, text=True,
         timeout=60, check=False,
     )
     assert done.returncode == 0, done.stderr

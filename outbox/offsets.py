@@ -1,0 +1,128 @@
+"""The consumer's side of the Kafka group: the client, its partitions, and the
+offsets that may be committed because their database transaction did.
+
+Owns one rule: an offset is committed only after the transaction that
+applied its message committed (`done`, then `commit`), never past a message
+whose transaction did not. A message not handled is given back (`give_back`
+seeks to it), so the next poll returns it again. kafka-python runs the
+rebalance callbacks on its IO thread inside `poll()`; they only forget the
+revoked partitions' pending offsets, since everything handled was committed
+before that poll.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from kafka import KafkaConsumer
+from kafka.consumer.subscription_state import ConsumerRebalanceListener
+from kafka.errors import KafkaError
+from kafka.structs import OffsetAndMetadata, TopicPartition
+
+from outbox.errors import describe_error
+from outbox.records import KafkaRecord
+
+log = logging.getLogger("outbox.consumer")  # the consumer's log lines, under its name
+
+Batch = Mapping[TopicPartition, Sequence[KafkaRecord]]
+
+
+class GroupOffsets:
+    """One consumer's membership in its group and its offsets still to commit.
+
+    Not thread-safe, like the consumer that owns it; the client is made (and
+    the topics subscribed) on the first `poll`.
+    """
+
+    def __init__(self, settings: Mapping[str, Any], *, group: str, topics: Sequence[str]) -> None:
+        self.group = group
+        self.topics = tuple(topics)
+        self.client: Any = None  # KafkaConsumer, untyped
+        self.pending: dict[TopicPartition, int] = {}  # next offset to commit, per partition
+        self._settings = dict(settings)
+
+    def poll(self, timeout_ms: int, max_records: int) -> dict[TopicPartition, list[KafkaRecord]]:
+        self.commit()  # a commit that failed last time, before a poll can rebalance
+        batch: dict[TopicPartition, list[KafkaRecord]] = self._client().poll(
+            timeout_ms=timeout_ms, max_records=max_records
+        )
+        return batch
+
+    def done(self, record: KafkaRecord) -> int:
+        """`record`'s transaction committed: its offset may follow. Returns the next offset."""
+        tp = TopicPartition(record.topic, record.partition)
+        self.pending[tp] = record.offset + 1
+        return record.offset + 1
+
+    def commit(self) -> None:
+        if not self.pending or self.client is None:
+            return
+        offsets = {tp: OffsetAndMetadata(offset, "", -1) for tp, offset in self.pending.items()}
+        try:
+            self.client.commit(offsets)
+        except KafkaError as exc:
+            if getattr(exc, "retriable", False):
+                log.warning("offset commit failed, retrying after the next batch: %s",
+                            describe_error(exc))
+                return
+            # The group moved on (rebalance, eviction): the new owner re-reads
+            # from the last committed offset and the inbox skips what we applied.
+            log.warning("offset commit refused, handled messages will be re-read and "
+                        "deduplicated: group=%s error=%s", self.group, describe_error(exc))
+        self.pending.clear()
+
+    def give_back(self, batch: Batch, progress: Mapping[TopicPartition, int]) -> None:
+        """Seek each partition of `batch` back to its first message not handled."""
+        for tp, records in batch.items():
+            if records and progress[tp] <= records[-1].offset:
+                self.client.seek(tp, progress[tp])
+
+    def forget(self, partitions: Sequence[TopicPartition]) -> None:
+        # Called inside poll(), after everything handled was committed, so
+        # anything left here is a commit that failed; the next owner re-reads it.
+        for tp in partitions:
+            self.pending.pop(tp, None)
+
+    def close(self) -> None:
+        """Commit what is pending and leave the group."""
+        if self.client is None:
+            return
+        try:
+            self.commit()
+        finally:
+            self.client.close(autocommit=False)
+
+    def _client(self) -> Any:
+        if self.client is None:
+            client = KafkaConsumer(**self._settings)
+            # Learn the topics' partitions before joining: a group leader whose
+            # metadata lacks a topic assigns nobody its partitions, and the group
+            # only notices at the next metadata refresh (minutes later).
+            for topic in self.topics:
+                if not client.partitions_for_topic(topic):
+                    log.warning("topic %s does not exist (yet); consuming it once it does", topic)
+            client.subscribe(topics=list(self.topics), listener=_RebalanceListener(self))
+            self.client = client
+        return self.client
+
+
+class _RebalanceListener(ConsumerRebalanceListener):  # type: ignore[misc]  # kafka is untyped
+    # kafka-python runs these on its IO thread while the consumer is blocked in
+    # poll(); they must not call blocking consumer APIs such as commit().
+    def __init__(self, offsets: GroupOffsets) -> None:
+        self._offsets = offsets
+
+    def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
+        log.info("partitions revoked: group=%s partitions=%s", self._offsets.group,
+                 _partitions(revoked))
+        self._offsets.forget(list(revoked))
+
+    def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
+        log.info("partitions assigned: group=%s partitions=%s", self._offsets.group,
+                 _partitions(assigned))
+
+
+def _partitions(tps: Sequence[TopicPartition]) -> str:
+    return ",".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(tps))
