@@ -20,6 +20,7 @@ from sqlalchemy import Engine, create_engine, text
 
 from outbox import migrate
 from tests import services
+from tests.consumer_proc import EFFECT_TABLE_DDL
 
 
 @pytest.fixture(scope="session")
@@ -39,6 +40,20 @@ def engine(database_url: str) -> Iterator[Engine]:
     engine = create_engine(database_url, pool_size=10, max_overflow=20, pool_pre_ping=True)
     yield engine
     engine.dispose()
+
+
+@pytest.fixture
+def group() -> str:
+    """A consumer group of its own, so no test sees another's offsets."""
+    return f"g-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture(scope="module")
+def effects(engine: Engine) -> Engine:
+    """The effect table the test consumers write (tests/consumer_proc.py)."""
+    with engine.begin() as conn:
+        conn.execute(text(EFFECT_TABLE_DDL))
+    return engine
 
 
 @pytest.fixture

@@ -39,7 +39,7 @@ from outbox.event import Event
 from outbox.failpoints import FAILPOINT_ENV
 from outbox.inbox import apply_event, purge_inbox
 from outbox.schema import outbox_dead_letter, outbox_inbox
-from tests.consumer_proc import EFFECT_TABLE_DDL, record_effect
+from tests.consumer_proc import record_effect
 
 pytestmark = pytest.mark.integration
 
@@ -53,18 +53,6 @@ Message = tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]
 
 
 # -- helpers -------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def effects(engine: Engine) -> Engine:
-    with engine.begin() as conn:
-        conn.execute(text(EFFECT_TABLE_DDL))
-    return engine
-
-
-@pytest.fixture
-def group() -> str:
-    return f"g-{uuid.uuid4().hex[:10]}"
 
 
 def cloud_event(

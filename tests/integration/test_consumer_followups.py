@@ -41,11 +41,6 @@ def effects(engine: Engine) -> Engine:
     return engine
 
 
-@pytest.fixture
-def group() -> str:
-    return f"g-{uuid.uuid4().hex[:10]}"
-
-
 def effect_counts(engine: Engine, topic: str) -> Counter[uuid.UUID]:
     with engine.connect() as conn:
         rows = conn.execute(

@@ -41,7 +41,7 @@ from outbox.event import Event
 from outbox.inbox import apply_event
 from outbox.kafka_logging import _FILTER, KAFKA_WIRE_LOGGERS, protect_kafka_logs
 from outbox.schema import outbox_inbox
-from tests.consumer_proc import EFFECT_TABLE_DDL, record_effect
+from tests.consumer_proc import record_effect
 from tests.integration.test_consumer import (
     FAST_CONFIG,
     FAST_KAFKA,
@@ -57,17 +57,6 @@ from tests.integration.test_consumer import (
 
 pytestmark = pytest.mark.integration
 
-
-@pytest.fixture(scope="module")
-def effects(engine: Engine) -> Engine:
-    with engine.begin() as conn:
-        conn.execute(text(EFFECT_TABLE_DDL))
-    return engine
-
-
-@pytest.fixture
-def group() -> str:
-    return f"g-{uuid.uuid4().hex[:10]}"
 
 Misuse = Callable[[Session], object]
 
