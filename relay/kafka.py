@@ -119,11 +119,22 @@ class KafkaPublisher:
         missing = self._missing_topics({m.topic for m in messages})
         futures: list[Any] = [None] * len(messages)
         send = producer.send
+        no_metadata: dict[str, BaseException] = {}
 
         def send_one(index: int, message: Message) -> None:
-            futures[index] = send(
-                message.topic, key=message.key, value=message.value, headers=message.headers
-            )
+            if message.topic in no_metadata:
+                # One wait of max_block_ms per topic and round, not one per key.
+                raise no_metadata[message.topic]
+            try:
+                futures[index] = send(
+                    message.topic, key=message.key, value=message.value, headers=message.headers
+                )
+            except kafka_errors.KafkaTimeoutError as exc:
+                # No metadata in time: a topic deleted since it was seen, or an
+                # outage. The next round asks the broker about it again.
+                no_metadata[message.topic] = exc
+                self._topics_seen.discard(message.topic)
+                raise
 
         # send() raises before the message enters the producer for a message
         # too large, a bad topic, or no metadata for the topic within max_block_ms.

@@ -10,9 +10,11 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from kafka.admin import KafkaAdminClient
 from psycopg import sql
 from sqlalchemy import Engine, func, select, text
 from sqlalchemy.engine import make_url
@@ -307,6 +309,33 @@ def test_events_for_a_missing_topic_are_parked_and_the_others_go_out_in_order(
     for i, event_id in enumerate(good):
         expected.setdefault(f"g-{i % 5}", []).append(event_id)
     assert by_key == expected
+
+
+def test_a_topic_deleted_after_the_relay_saw_it_costs_one_wait_per_round_not_one_per_key(
+    clean_db: Engine, database_url: str, bootstrap_servers: str, topic: str,
+    make_topic: Callable[..., str], admin: KafkaAdminClient,
+) -> None:
+    """kafka-python's send() waits max_block_ms for a topic it has no metadata
+    for; before, each key of a deleted topic waited that long in every round."""
+    doomed = make_topic("doomed")
+    config = RelayConfig(
+        database_url=database_url, bootstrap_servers=bootstrap_servers, poll_interval=0.2,
+        backoff_initial=0.05, max_attempts=2, batch_size=100,
+        kafka={"max_block_ms": 3_000, "request_timeout_ms": 2_000, "delivery_timeout_ms": 4_000},
+    )
+    with relay_thread(config) as relay:
+        _write(clean_db, doomed, 1)
+        wait_until(lambda: _backlog(clean_db) == 0, timeout=30, what="the doomed topic to be seen")
+        admin.delete_topics([doomed])
+        wait_until(lambda: doomed not in admin.list_topics(), timeout=30, what="the topic to go")
+        lost = _write(clean_db, doomed, 20, keys=20)  # 20 keys: 60 s a round before
+        good = _write(clean_db, topic, 20, keys=5)
+        started = time.monotonic()
+        wait_until(lambda: _backlog(clean_db) == 0, timeout=60, what="backlog to drain")
+        took = time.monotonic() - started
+        assert relay.parked == len(lost)
+    assert took < 30, f"{took:.1f} s"
+    assert len(read_topic(bootstrap_servers, topic, expect=len(good))) >= len(good)
 
 
 def test_sigterm_ends_the_relay_within_seconds_while_a_topic_is_missing(
