@@ -159,9 +159,9 @@ class KafkaPublisher:
     def close(self) -> None:
         producer, self._producer = self._producer, None
         admin, self._admin = self._admin, None
+        if producer is not None:
+            _close_producer(producer)
         try:
-            if producer is not None:
-                producer.close(timeout=5)
             if admin is not None:
                 admin.close()
         except Exception:  # closing a broken client must not hide the real error
@@ -274,6 +274,31 @@ def _raise_refusal(failures: Sequence[BaseException], config: Mapping[str, Any])
             raise refused_login(detail) from None
         if "Handshake failed" in str(exc) or "SSL" in type(exc).__name__:
             raise refused_tls(detail) from None
+
+
+def _close_producer(producer: KafkaProducer) -> None:
+    """Close `producer` even while records are still pending in it.
+
+    kafka-python 3's close() flushes first and, when records are still
+    pending (a deleted topic, a broker that went away), raises from that
+    flush before it stops its sender: the producer is left half-closed, and
+    its __del__ later prints that error as a traceback on stderr, in the
+    middle of the relay's log. So after a failed close the sender is
+    force-closed, which fails what is pending now (those events are still
+    in the outbox and go out again, with the same ids, from the next
+    producer). Uses private attributes of the pinned kafka-python 3; where
+    they are missing, only the late traceback remains.
+    """
+    try:
+        producer.close(timeout=5)
+        return
+    except Exception:  # closing a broken producer must not hide the real error
+        log.debug("kafka-python could not close the producer cleanly; forcing it", exc_info=True)
+    sender = getattr(producer, "_sender", None)
+    if sender is not None and sender.is_alive():
+        sender.force_close()
+        sender.join(5)
+    producer._closed = True  # its __del__ would try (and fail) to flush again
 
 
 def _failed(exc: BaseException | None) -> Delivery:
