@@ -130,3 +130,31 @@ def mask_secrets(text: str) -> str:
 
 _SECRET_URL = re.compile(r"(://[^:/@\s]*:)[^@\s]*@")
 _SECRET_PAIR = re.compile(r"(?i)\b(password|passwd|pwd|secret|token)\s*=\s*[^\s&]+")
+
+
+# libpq's words for a login the server (or the client's TLS settings) refused.
+# Connection errors carry no SQLSTATE in psycopg, so the text is what there is.
+_REFUSED_LOGIN = re.compile(
+    r"authentication failed|no pg_hba\.conf entry|does not exist|not permitted to log in"
+    r"|permission denied for database|no password supplied|password is missing"
+    r"|server does not support SSL|SSL error:|certificate|sslmode"
+    r"|invalid connection option|invalid dsn|invalid URI",
+    re.IGNORECASE,
+)
+
+
+def login_refused(exc: BaseException) -> str | None:
+    """The server's reason when `exc` (or what caused it) is a refused database
+    login, which no waiting fixes, else None (the database is merely down).
+
+    The one place the relay and the consumer tell "wrong" from "down".
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        message = first_line(getattr(current, "orig", None) or current)
+        if _REFUSED_LOGIN.search(message):
+            return message.rsplit("failed: ", 1)[-1].replace("FATAL:  ", "").strip()
+        current = current.__cause__ or current.__context__
+    return None

@@ -24,7 +24,6 @@ upgrade migrates first and deploys after.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import resources
@@ -33,7 +32,7 @@ from sqlalchemy import Connection, Engine, select, text
 from sqlalchemy.exc import DBAPIError
 
 from outbox.config import safe_url
-from outbox.errors import ConfigError, KitStatementError, SchemaError, first_line
+from outbox.errors import ConfigError, KitStatementError, SchemaError, first_line, login_refused
 from outbox.schema import VERSION_TABLE, outbox_dead_letter, outbox_inbox
 
 __all__ = ["KitStatementError", "check_consumer_database", "kit_statement", "login_refused"]
@@ -41,16 +40,6 @@ __all__ = ["KitStatementError", "check_consumer_database", "kit_statement", "log
 log = logging.getLogger(__name__)
 
 _UPGRADE = "run `outbox db upgrade` against this database"
-
-# libpq's words for a login the server (or the client's TLS settings) refused.
-# Connection errors carry no SQLSTATE in psycopg, so the text is what there is.
-_REFUSED_LOGIN = re.compile(
-    r"authentication failed|no pg_hba\.conf entry|does not exist|not permitted to log in"
-    r"|permission denied for database|no password supplied|password is missing"
-    r"|server does not support SSL|SSL error:|certificate|sslmode"
-    r"|invalid connection option|invalid dsn|invalid URI",
-    re.IGNORECASE,
-)
 
 # SQLSTATEs that mean the kit's tables are not what this kit expects (or the
 # role may not use them): a statement of the kit's own that fails with one of
@@ -67,19 +56,6 @@ _PRIVILEGES = {
     outbox_inbox.name: ("SELECT", "INSERT", "DELETE"),
     outbox_dead_letter.name: ("SELECT", "INSERT"),
 }
-
-
-def login_refused(exc: BaseException) -> str | None:
-    """The server's reason when `exc` is a refused login (a configuration error), else None."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        message = first_line(getattr(current, "orig", None) or current)
-        if _REFUSED_LOGIN.search(message):
-            return message.rsplit("failed: ", 1)[-1].replace("FATAL:  ", "").strip()
-        current = current.__cause__ or current.__context__
-    return None
 
 
 def check_consumer_database(engine: Engine) -> None:

@@ -16,7 +16,7 @@ from psycopg.rows import args_row
 from sqlalchemy.engine import make_url
 
 from outbox.config import safe_url
-from outbox.errors import SchemaError, first_line
+from outbox.errors import SchemaError, login_refused
 from outbox.schema import (
     NOTIFY_CHANNEL,
     PUBLISHED_COUNTER,
@@ -105,31 +105,17 @@ def connect(
     return conn
 
 
-# Connection failures that no amount of waiting fixes: the server answered,
-# and refused what the URL asks for. Matched on libpq's own message text,
-# since a refused connection carries no SQLSTATE in psycopg.
-_MISCONFIGURED = (
-    ("password authentication failed", "the server refused the password for user {user}"),
-    ("no password supplied", "the server wants a password for user {user} and the URL has none"),
-    ("does not exist", "{fatal}"),  # database or role
-    ("no pg_hba.conf entry", "the server's pg_hba.conf admits no such connection ({fatal})"),
-    ("SSL", "TLS: {fatal}; check sslmode (and sslrootcert) in the URL's query"),
-    ("certificate", "TLS: {fatal}; check sslmode (and sslrootcert) in the URL's query"),
-    ("invalid connection option", "{fatal}"),
-    ("invalid sslmode", "{fatal}"),
-)
-
-
 def misconfiguration(exc: psycopg.Error, database_url: str) -> str | None:
     """What a failed connection says is wrong with the URL (password, database
     name, TLS mode), or None when the server is merely unreachable."""
-    text = first_line(exc)
-    fatal = text.split("FATAL:", 1)[-1].split("failed:", 1)[-1].strip()
-    for needle, message in _MISCONFIGURED:
-        if needle in text:
-            user = make_url(database_url).username
-            return f"{message.format(user=repr(user), fatal=fatal)} (database {safe_url(database_url)})"
-    return None
+    reason = login_refused(exc)
+    if reason is None:
+        return None
+    if "password authentication failed" in reason:
+        reason = f"the server refused the password for user {make_url(database_url).username!r}"
+    elif "SSL" in reason or "certificate" in reason or "sslmode" in reason:
+        reason = f"TLS: {reason}; check sslmode (and sslrootcert) in the URL's query"
+    return f"{reason} (database {safe_url(database_url)})"
 
 
 _TABLES = (EVENT, PARKED, COUNTER, LEASE, MEMBER)
