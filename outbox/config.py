@@ -212,14 +212,6 @@ def parse_bool(name: str, raw: str) -> bool:
     )
 
 
-def env_bool(name: str, default: bool, env: Mapping[str, str] | None = None) -> bool:
-    env = os.environ if env is None else env
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    return parse_bool(name, raw)
-
-
 def is_secret(setting: str) -> bool:
     lowered = setting.lower()
     return any(word in lowered for word in _SECRET_WORDS)
@@ -243,17 +235,17 @@ def safe_kafka_config(config: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def env_bool(name: str, default: bool, env: Mapping[str, str] | None = None) -> bool:
+    """One boolean variable, read as `settings_from_env` reads a field; unset or empty: `default`."""
+    value: bool = _env_setting(name, default, bool, env)
+    return value
+
+
 def env_int(
     name: str, default: int, env: Mapping[str, str] | None = None, *, minimum: int = 0
 ) -> int:
-    env = os.environ if env is None else env
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigError(name, f"{raw!r} is not an integer") from None
+    """One integer variable (see `env_bool`), refused below `minimum`."""
+    value: int = _env_setting(name, default, int, env)
     if value < minimum:
         raise ConfigError(name, f"{value} is below the minimum of {minimum}")
     return value
@@ -262,19 +254,16 @@ def env_int(
 def env_float(
     name: str, default: float, env: Mapping[str, str] | None = None, *, minimum: float = 0.0
 ) -> float:
-    env = os.environ if env is None else env
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(name, f"{raw!r} is not a number") from None
-    if not math.isfinite(value):
-        raise ConfigError(name, f"{raw!r} is not a finite number")
+    """One finite number variable (see `env_bool`), refused below `minimum`."""
+    value: float = _env_setting(name, default, float, env)
     if value < minimum:
         raise ConfigError(name, f"{value} is below the minimum of {minimum}")
     return value
+
+
+def _env_setting(name: str, default: Any, kind: type, env: Mapping[str, str] | None) -> Any:
+    raw = (os.environ if env is None else env).get(name)
+    return default if raw is None or raw == "" else parse_setting(name, raw, kind)
 
 
 def settings_from_env(
