@@ -32,6 +32,7 @@ from outbox.writer import publish, publish_async
 if TYPE_CHECKING:  # what mypy and IDEs see; at run time __getattr__ below imports them
     from outbox.consumer import Consumer
     from outbox.consumer_config import ConsumerConfig, ConsumerStats
+    from outbox.consumer_observer import serve_consumer_endpoints
 
 __all__ = [
     "ConfigError",
@@ -50,6 +51,7 @@ __all__ = [
     "TransactionEndedError",
     "publish",
     "publish_async",
+    "serve_consumer_endpoints",
 ]
 
 # name -> the module that defines it, imported on first access (PEP 562).
@@ -57,6 +59,7 @@ _LAZY = {
     "Consumer": "outbox.consumer",
     "ConsumerConfig": "outbox.consumer_config",
     "ConsumerStats": "outbox.consumer_config",
+    "serve_consumer_endpoints": "outbox.consumer_observer",
 }
 
 

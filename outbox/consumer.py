@@ -106,6 +106,7 @@ from outbox.backoff import backoff, next_retry
 from outbox.config import bootstrap_servers as resolve_bootstrap_servers
 from outbox.config import safe_kafka_config
 from outbox.consumer_config import ConsumerConfig, ConsumerStats, kafka_consumer_settings
+from outbox.consumer_observer import ConsumerObserver
 from outbox.errors import (
     ConfigError,
     HandlerContractError,
@@ -233,6 +234,8 @@ class Consumer:
         self._kafka_config = kafka_consumer_settings(
             group, resolve_bootstrap_servers(bootstrap_servers), self.config, kafka_config
         )
+        self.observer = ConsumerObserver(group, self._kafka_config, engine)  # metrics and health
+        self._handler = self.observer.timed(handler)
         # A batch must be finished (or given back) well inside max.poll.interval.ms,
         # or the group evicts this member while it works and a commit fails.
         self._budget = float(self._kafka_config.get(
@@ -288,6 +291,7 @@ class Consumer:
         if self._closed:
             return
         self._closed = True
+        self.observer.close()
         self._offsets.close()
 
     def __enter__(self) -> Consumer:
@@ -314,6 +318,7 @@ class Consumer:
         """
         if self._closed:
             raise OutboxError("consumer is closed")
+        self.observer.polling(self._offsets.client)
         if not self._database_checked:
             self._deadline = time.monotonic() + self._budget
             if not self._check_database():
@@ -381,8 +386,10 @@ class Consumer:
         """
         failed: tuple[Any, Exception] | None = None
         while records:
+            started = time.perf_counter()
             try:
                 committed = self._apply_in_one_transaction(records)
+                self.observer.batch_committed(time.perf_counter() - started)
             except _HandlerFailed as failure:
                 failed = (records[failure.index], failure.error)
                 records = records[: failure.index]
@@ -642,6 +649,7 @@ class Consumer:
         self._stopping.wait(seconds)
 
     def _pause(self, seconds: float) -> None:
+        self.observer.beat()  # backing off is progress: /livez stays 200 through an outage
         self._sleep(seconds)
         if self._stopping.is_set():
             raise _GiveBack
@@ -684,6 +692,7 @@ class Consumer:
     # -- stats and logs --------------------------------------------------------
 
     def _note_applied(self, event: Event, applied: bool) -> None:
+        self.observer.applied(event, applied)
         if applied:
             self.stats.applied += 1
             log.debug(
@@ -702,6 +711,7 @@ class Consumer:
         parked: bool,
     ) -> None:
         self.stats.dead_lettered += 1
+        self.observer.dead_lettered(record)
         log.error(
             "dead-lettered message: group=%s topic=%s partition=%s offset=%s event=%s "
             "attempts=%s error=%s%s",
@@ -711,6 +721,7 @@ class Consumer:
 
     def _log_retry(self, event: Event, state: RetryCallState) -> None:
         self.stats.retries += 1
+        self.observer.retry(event)
         exc, wait = next_retry(state)
         log.warning(
             "handler failed, retrying: event=%s type=%s topic=%s partition=%s offset=%s "
@@ -724,6 +735,7 @@ class Consumer:
         # One WARNING per outage, with its reason; the waits after it at DEBUG.
         self.stats.database_waits += 1
         exc, wait = next_retry(state)
+        self.observer.database_wait(exc)
         if self._outage_started is None:
             self._outage_started = time.monotonic()
             log.warning(
@@ -738,6 +750,7 @@ class Consumer:
     def _end_outage(self) -> None:
         """Called where the database just answered: the outage's one closing line."""
         if self._outage_started is not None:
+            self.observer.database_back()
             log.info("database available again after %.1fs: group=%s",
                      time.monotonic() - self._outage_started, self.group)
             self._outage_started = None

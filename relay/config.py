@@ -53,6 +53,9 @@ class RelayConfig:
         default_factory=default_relay_id, metadata={"env": "OUTBOX_RELAY_ID"}
     )
     publisher: str = "kafka-python"  # OUTBOX_RELAY_PUBLISHER: kafka-python | confluent (needs the extra)
+    metrics_port: int = 0  # OUTBOX_RELAY_METRICS_PORT: serve /metrics, /livez, /readyz here; 0 = off
+    metrics_host: str = "127.0.0.1"  # OUTBOX_RELAY_METRICS_HOST: address those endpoints bind
+    liveness_timeout: float = 60.0  # OUTBOX_RELAY_LIVENESS_TIMEOUT: /livez fails after this long without progress
     kafka: Mapping[str, Any] = field(  # OUTBOX_KAFKA_*: producer pass-through
         default_factory=dict, metadata={"env": None}
     )
@@ -80,6 +83,10 @@ class RelayConfig:
             )
         if not self.relay_id:
             raise ConfigError("relay_id", "must not be empty")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ConfigError("metrics_port", f"{self.metrics_port} is out of range 0..65535 (0 = off)")
+        if not 1 <= self.liveness_timeout <= 3600:
+            raise ConfigError("liveness_timeout", f"{self.liveness_timeout} is out of range 1..3600 s")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> RelayConfig:
@@ -104,6 +111,7 @@ class RelayConfig:
             f"batch_size={self.batch_size} poll_interval={self.poll_interval}s "
             f"listen={self.listen} linger_ms={self.linger_ms} max_attempts={self.max_attempts} "
             f"lease_ttl={self.lease_ttl}s relay_id={self.relay_id} publisher={self.publisher} "
+            f"metrics={f'{self.metrics_host}:{self.metrics_port}' if self.metrics_port else 'off'} "
             f"kafka_overrides={safe_kafka_config(self.kafka)}"
         )
 

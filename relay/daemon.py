@@ -54,6 +54,8 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             poll_interval=args.poll_interval,
             source=args.source,
+            metrics_port=args.metrics_port,
+            metrics_host=args.metrics_host,
         )
         relay = Relay(config)
     except OutboxError as exc:

@@ -97,6 +97,11 @@ class ShardLeases:
                 return {}
             return dict(self._owned)
 
+    def held(self) -> int:
+        """How many leases are surely ours now. Never renews, so any thread may ask (metrics)."""
+        with self._lock:
+            return len(self._owned) if self._clock() < self._valid_until else 0
+
     def beat(self) -> None:
         """One renewal round; on a database error the old leases simply run out."""
         sent_at = self._clock()

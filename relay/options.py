@@ -26,3 +26,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds; default: $OUTBOX_RELAY_POLL_INTERVAL or 1.0",
     )
     parser.add_argument("--source", help="CloudEvents source; default: $OUTBOX_RELAY_SOURCE")
+    parser.add_argument(
+        "--metrics-port", type=int, metavar="PORT",
+        help="serve /metrics, /livez and /readyz on this port; default: $OUTBOX_RELAY_METRICS_PORT or off",
+    )
+    parser.add_argument(
+        "--metrics-host", metavar="HOST",
+        help="address for --metrics-port; default: $OUTBOX_RELAY_METRICS_HOST or 127.0.0.1",
+    )

@@ -47,6 +47,7 @@ from outbox.failpoints import failpoint
 from relay import store
 from relay.config import RelayConfig
 from relay.leases import ShardLeases
+from relay.observer import RelayObserver
 from relay.publisher import Checked, Delivery, Message, Publisher
 from relay.publishers import make_publisher
 
@@ -78,6 +79,7 @@ class Relay:
         self.published = 0
         self.parked = 0
         self._failing: str | None = None  # the cause last logged, while rounds fail
+        self.observer = RelayObserver(config, self.leases)  # metrics, health (relay/observer.py)
 
     # -- the loop -----------------------------------------------------------
 
@@ -98,6 +100,7 @@ class Relay:
             reraise=True,
         )
         try:
+            self.observer.start()
             retrying(self._start)
             self._recovered()
             retrying = retrying.copy()
@@ -116,6 +119,7 @@ class Relay:
 
     def run_once(self) -> int:
         """One fetch-publish-delete round; returns how many events were acknowledged."""
+        self.observer.round_started()
         leases = self.leases.current()
         if not leases:
             return 0
@@ -144,7 +148,9 @@ class Relay:
                 "lost shard leases during a round: %d acknowledged events left to their new owner",
                 len(acknowledged) - deleted,
             )
+            self.observer.lease_lost_events(len(acknowledged) - deleted)
         self.published += deleted
+        self.observer.round(rows, deliveries)
         failed = [(row, d) for row, d in zip(rows, deliveries, strict=True) if not d.acknowledged]
         if failed:
             self._settle_failures(conn, failed, broker_healthy=bool(acknowledged))
@@ -155,6 +161,7 @@ class Relay:
         self._stopping.set()
 
     def close(self) -> None:
+        self.observer.close()
         self.leases.stop()
         self._publisher.close()
         conn, self._conn = self._conn, None
@@ -186,6 +193,7 @@ class Relay:
             raise self.leases.fatal
 
     def _recovered(self) -> None:
+        self.observer.recovered()
         if self._failing is not None:
             log.info("relay works again after: %s", self._failing)
             self._failing = None
@@ -274,6 +282,7 @@ class Relay:
             if attempts >= self.config.max_attempts:
                 store.park(conn, row.id)
                 self.parked += 1
+                self.observer.parked(row.topic)
                 log.error(
                     "event parked: event_id=%s topic=%s key=%s after %d attempts: %s",
                     row.id, row.topic, row.key, attempts, delivery.error,
@@ -286,10 +295,12 @@ class Relay:
             self._sleep(self.config.backoff_initial)
 
     def _backoff_sleep(self, seconds: float) -> None:
+        self.observer.beat()  # an outage is waited out, not a dead loop: /livez stays 200
         self._sleep(seconds)
 
     def _log_retry(self, state: RetryCallState) -> None:
         exc, wait = next_retry(state)
+        self.observer.failing(exc)
         cause = f"{type(exc).__name__}: {first_line(exc)}"
         # Once per cause: an outage or a rotated password is one line, and one
         # more when it is over, not a line per retry.

@@ -23,6 +23,7 @@ PUBLIC_API = [
     "TransactionEndedError",
     "publish",
     "publish_async",
+    "serve_consumer_endpoints",
 ]
 
 

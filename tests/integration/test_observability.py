@@ -1,0 +1,210 @@
+"""Metrics and health, read as Prometheus and Kubernetes read them: real HTTP scrapes of a
+relay and a consumer working against the real PostgreSQL and Kafka.
+
+Every metric is checked to move when its cause happens (publish, park,
+duplicate, retry, dead letter, outage), as a difference between two scrapes:
+the metrics live in the process-wide default registry, which other tests in
+this process also write to.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session
+
+import outbox
+from outbox.consumer import Consumer
+from outbox.event import Event
+from relay import RelayConfig
+from relay.leases import ShardLeases
+from relay.observer import RelayObserver
+from tests import services
+from tests.integration.test_consumer import FAST_CONFIG, FAST_KAFKA, cloud_event, handled, produce
+from tests.kafka_helpers import relay_thread, wait_until
+from tests.scrape import Samples, free_port, probe, scrape, value
+
+pytestmark = pytest.mark.integration
+
+
+def _write(engine: Engine, topic: str, n: int) -> list[uuid.UUID]:
+    with Session(engine) as session:
+        ids = [
+            outbox.publish(session, topic=topic, key=f"acct-{i % 3}", type="payment.captured",
+                           data={"amount": i}).id
+            for i in range(n)
+        ]
+        session.commit()
+    return ids
+
+
+def _relay_config(database_url: str, bootstrap_servers: str, **kw: object) -> RelayConfig:
+    return RelayConfig(
+        database_url=database_url, bootstrap_servers=bootstrap_servers, poll_interval=0.2,
+        backoff_max=1.0, metrics_port=free_port(), **kw,  # type: ignore[arg-type]
+    )
+
+
+def _url(config: RelayConfig) -> str:
+    return f"http://{config.metrics_host}:{config.metrics_port}"
+
+
+def _moved(before: Samples, after: Samples, name: str, **labels: str) -> float:
+    return value(after, name, **labels) - value(before, name, **labels)
+
+
+def _count(samples: Samples, histogram: str, **labels: str) -> float:
+    return value(samples, f"{histogram}_count", **labels)
+
+
+def test_relay_metrics_move_with_publishes_and_parks(
+    clean_db: Engine, database_url: str, bootstrap_servers: str, make_topic: object
+) -> None:
+    assert callable(make_topic)
+    topic, missing = make_topic("obs"), f"obs-missing-{uuid.uuid4().hex[:8]}"
+    config = _relay_config(database_url, bootstrap_servers, max_attempts=1)
+    url = _url(config)
+    with relay_thread(config) as relay:
+        wait_until(lambda: probe(url, "/readyz")[0] == 200, timeout=30, what="relay ready")
+        before = scrape(url)
+        _write(clean_db, topic, 25)
+        _write(clean_db, missing, 1)  # no such topic: fails once, parked (max_attempts=1)
+        wait_until(lambda: relay.published == 25 and relay.parked == 1, timeout=30, what="rounds")
+        # The backlog gauges follow within a probe interval (5 s).
+        wait_until(lambda: value(scrape(url), "outbox_parked_events") == 1, timeout=15,
+                   what="backlog gauges")
+        after = scrape(url)
+        assert probe(url, "/livez") == (200, {"status": "ok"})
+
+    assert _moved(before, after, "outbox_relay_published_total", topic=topic) == 25
+    assert _moved(before, after, "outbox_relay_parked_total", topic=missing) == 1
+    assert _moved(before, after, "outbox_relay_publish_failures_total", kind="UnknownTopic") == 1
+    assert _count(after, "outbox_relay_commit_to_ack_seconds", topic=topic) - _count(
+        before, "outbox_relay_commit_to_ack_seconds", topic=topic) == 25
+    assert _count(after, "outbox_relay_round_duration_seconds") > _count(
+        before, "outbox_relay_round_duration_seconds")
+    assert value(after, "outbox_relay_batch_events_sum") - value(before, "outbox_relay_batch_events_sum") >= 26
+    assert value(after, "outbox_relay_shards_owned") > 0
+    assert value(after, "outbox_relay_ready") == 1
+    # The seed's formula, from the database: n = m + parked once drained, Q = n - m.
+    assert value(after, "outbox_published_events") == 25
+    assert value(after, "outbox_committed_events") == 26
+    assert value(after, "outbox_backlog_events") == 1  # the parked one is not published
+    assert value(after, "outbox_oldest_unpublished_age_seconds") == 0  # nothing waiting
+
+
+def test_backlog_age_counts_the_oldest_waiting_event(
+    clean_db: Engine, database_url: str, bootstrap_servers: str
+) -> None:
+    # The observer of a relay whose loop never runs: the event stays, and ages.
+    config = _relay_config(database_url, bootstrap_servers)
+    _write(clean_db, f"obs-age-{uuid.uuid4().hex[:8]}", 1)
+    time.sleep(1.5)
+    observer = RelayObserver(config, ShardLeases(database_url, "obs-age", ttl=3))
+    observer.start()
+    try:
+        observer.probe()
+        samples = scrape(_url(config))
+    finally:
+        observer.close()
+    assert value(samples, "outbox_backlog_events") == 1
+    assert value(samples, "outbox_oldest_unpublished_age_seconds") >= 1.5
+
+
+@contextmanager
+def _consumer_thread(consumer: Consumer) -> Iterator[None]:
+    thread = threading.Thread(target=consumer.run, name="consumer", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        consumer.stop()
+        thread.join(timeout=30)
+        assert not thread.is_alive()
+
+
+def test_consumer_metrics_move_with_applies_duplicates_retries_and_dead_letters(
+    clean_db: Engine, bootstrap_servers: str, topic: str, group: str
+) -> None:
+    def handler(session: Session, event: Event) -> None:
+        if event.data.get("fail"):
+            raise ValueError("this payment can never be applied")
+
+    consumer = Consumer(
+        clean_db, group=group, topics=[topic], handler=handler,
+        bootstrap_servers=bootstrap_servers, config=FAST_CONFIG, **FAST_KAFKA,
+    )
+    endpoints = outbox.serve_consumer_endpoints(consumer, port=0)
+    url = endpoints.url
+    before = scrape(url)
+    first_id, first = cloud_event()
+    messages = [(0, first), (1, cloud_event(first_id)[1])]  # the same event twice: one duplicate
+    messages += [(0, cloud_event()[1]) for _ in range(3)]
+    messages += [(2, cloud_event(data={"fail": True})[1])]  # retried, then dead-lettered
+    produce(bootstrap_servers, topic, messages)
+    try:
+        with _consumer_thread(consumer):
+            wait_until(lambda: handled(consumer) == 6, timeout=60, what="all six handled")
+            wait_until(lambda: probe(url, "/readyz")[0] == 200, timeout=30, what="consumer ready")
+            assert probe(url, "/livez") == (200, {"status": "ok"})
+            time.sleep(1.5)  # the lag is read at most once a second, before a poll
+            after = scrape(url)
+    finally:
+        endpoints.close()
+
+    def moved(name: str, **labels: str) -> float:
+        return _moved(before, after, name, group=group, **labels)
+
+    assert moved("outbox_consumer_applied_total", topic=topic) == 4
+    assert moved("outbox_consumer_duplicates_total", topic=topic) == 1
+    assert moved("outbox_consumer_dead_lettered_total", topic=topic) == 1
+    assert moved("outbox_consumer_handler_retries_total", topic=topic) == FAST_CONFIG.max_attempts - 1
+    # Handler calls: four applied, plus max_attempts for the failing one (at least:
+    # a batch rolled back by the failure runs its earlier handlers again).
+    assert moved("outbox_consumer_handler_duration_seconds_count", topic=topic) >= 4 + FAST_CONFIG.max_attempts
+    assert moved("outbox_consumer_commit_to_effect_seconds_count", topic=topic) == 4
+    assert moved("outbox_consumer_batch_transaction_seconds_count") >= 1
+    assert value(after, "outbox_consumer_ready", group=group) == 1
+    assert value(after, "outbox_consumer_heartbeat_timestamp_seconds", group=group) > time.time() - 60
+    lags = {labels: v for (name, labels), v in after.items() if name == "outbox_consumer_lag_messages"
+            and dict(labels)["group"] == group}
+    assert lags and all(v == 0 for v in lags.values()), lags  # all handled: nothing behind
+
+
+def test_relay_health_follows_a_broker_outage(
+    clean_db: Engine, database_url: str, bootstrap_servers: str, topic: str
+) -> None:
+    """Broker stopped: /readyz 503 with a one-line reason, /livez 200; started again: 200."""
+    services.require_devstack("kafka")
+    config = _relay_config(database_url, bootstrap_servers)
+    url = _url(config)
+    with relay_thread(config) as relay:
+        wait_until(lambda: probe(url, "/readyz")[0] == 200, timeout=30, what="relay ready")
+        before = scrape(url)
+        services.stop_kafka()
+        try:
+            _write(clean_db, topic, 3)  # a round that fails: the loop's own outage
+            wait_until(lambda: probe(url, "/readyz")[0] == 503, timeout=60, what="/readyz 503")
+            _, body = probe(url, "/readyz")
+            assert body["status"] == "unavailable" and "broker" in body["reason"], body
+            assert "\n" not in body["reason"]
+            wait_until(lambda: value(scrape(url), "outbox_relay_outage", kind="broker") == 1,
+                       timeout=60, what="the loop to notice the outage")
+            assert probe(url, "/livez") == (200, {"status": "ok"})
+            time.sleep(3)
+            assert probe(url, "/livez") == (200, {"status": "ok"})  # an outage is not death
+        finally:
+            services.start_kafka()
+        wait_until(lambda: probe(url, "/readyz")[0] == 200, timeout=120, what="/readyz 200 again")
+        wait_until(lambda: relay.published >= 3, timeout=60, what="the backlog to drain")
+        after = scrape(url)
+    assert _moved(before, after, "outbox_relay_outages_total", kind="broker") >= 1
+    assert _moved(before, after, "outbox_relay_outage_seconds_total", kind="broker") > 0
+    assert value(after, "outbox_relay_outage", kind="broker") == 0
+    assert _moved(before, after, "outbox_relay_published_total", topic=topic) == 3
