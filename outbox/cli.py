@@ -176,7 +176,20 @@ def build_parser() -> Parser:
 
     add_arguments(command(commands, "relay", "run the relay daemon (publish to Kafka)", run_relay))
 
-    command(commands, "stats", "backlog Q = n - m, oldest unpublished event, parked events", stats)
+    stats_command = command(
+        commands, "stats", "the on-call view: backlog Q = n - m, oldest event, rate, drain time, lag", stats
+    )
+    stats_command.add_argument("--json", action="store_true", help="one JSON object instead of text")
+    stats_command.add_argument(
+        "--watch", action="store_true", help="refresh in place every --interval seconds until Ctrl-C"
+    )
+    stats_command.add_argument("--interval", type=positive_float, default=2.0, help="default: 2")
+    stats_command.add_argument(
+        "--bootstrap-servers", help="also show consumer lag per group, read from this Kafka cluster"
+    )
+    stats_command.add_argument(
+        "--group", action="append", help="only this consumer group's lag (repeatable); default: all"
+    )
 
     parked = command(commands, "parked", "events the relay could not publish")
     parked_commands = parked.add_subparsers(title="parked commands")
@@ -280,17 +293,25 @@ def run_relay(args: argparse.Namespace) -> int:
 
 
 def stats(args: argparse.Namespace) -> int:
-    from outbox.stats import outbox_stats
+    from functools import partial
 
-    with _engine(args).connect() as conn:
-        s = outbox_stats(conn)
-    age = f"{s.oldest_age.total_seconds():.1f}s" if s.oldest_age is not None else "-"
-    print(f"committed (n)         {s.committed}")
-    print(f"published (m)         {s.published}")
-    print(f"backlog (Q = n - m)   {s.backlog}")
-    print(f"oldest unpublished    {age}")
-    print(f"parked                {s.parked}")
-    print(f"not yet numbered      {s.unnumbered}")
+    from outbox import oncall
+    from outbox.config import kafka_client_config
+
+    read = partial(
+        oncall.gather, _engine(args), bootstrap_servers=args.bootstrap_servers, groups=args.group,
+        kafka_settings=kafka_client_config() if args.bootstrap_servers else None,
+    )
+    render = oncall.dumps if args.json else oncall.as_text
+    if args.watch:
+        try:
+            oncall.watch(read, interval=args.interval, render=render)
+        except KeyboardInterrupt:
+            print(file=sys.stderr)  # Ctrl-C is how a watch ends: exit 0, no "interrupted"
+        return 0
+    view = read()
+    print(render(view))
+    s = view.stats
     if s.unnumbered:
         # Exit 1 as well, so a monitoring check that only looks at the code notices.
         return _fail(

@@ -16,7 +16,8 @@ outbox_parked
     Events the relay gave up on (for example larger than the broker accepts),
     with the error. `outbox parked replay` moves them back into outbox_event.
 outbox_counter
-    Monotonic counters; `published` is m in the backlog formula Q = n - m.
+    Monotonic counters; `published` is m in the backlog formula Q = n - m;
+    `published@<unix time>` rows count m per 10 s for the last 10 minutes.
 outbox_relay_lease, outbox_relay_member
     Which relay owns which key shard, until when, and with which epoch
     (see relay/leases.py); the relays alive.
@@ -68,6 +69,11 @@ SHARDS = 16
 
 NOTIFY_CHANNEL = "outbox_event"
 PUBLISHED_COUNTER = "published"
+# The relay also counts m per RATE_BUCKET_SECONDS in outbox_counter rows named
+# "published@<unix time of the bucket's start>", kept 10 minutes: the history
+# behind the publishing rate `outbox stats` shows, with no table of its own.
+PUBLISHED_BUCKET_PREFIX = "published@"
+RATE_BUCKET_SECONDS = 10
 # Alembic's record of the kit's revision, apart from a host application's own
 # alembic_version (outbox.migrate and migrations/env.py both read it here).
 VERSION_TABLE = "outbox_alembic_version"

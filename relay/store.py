@@ -19,7 +19,9 @@ from outbox.config import safe_url
 from outbox.errors import SchemaError, login_refused
 from outbox.schema import (
     NOTIFY_CHANNEL,
+    PUBLISHED_BUCKET_PREFIX,
     PUBLISHED_COUNTER,
+    RATE_BUCKET_SECONDS,
     outbox_counter,
     outbox_event,
     outbox_parked,
@@ -223,6 +225,18 @@ WITH held AS (
 ), counted AS (
     UPDATE {COUNTER} SET value = value + (SELECT count(*) FROM published)
     WHERE name = %(counter)s
+), recent AS (
+    -- m per {RATE_BUCKET_SECONDS} s, the history behind `outbox stats`' publishing rate;
+    -- one row per bucket, the buckets older than 10 minutes pruned (their names sort by time).
+    INSERT INTO {COUNTER} (name, value)
+    SELECT %(bucket_prefix)s || (floor(extract(epoch FROM now()) / {RATE_BUCKET_SECONDS})
+                                 * {RATE_BUCKET_SECONDS})::bigint, count(*)
+    FROM published HAVING count(*) > 0
+    ON CONFLICT (name) DO UPDATE SET value = {COUNTER}.value + excluded.value
+), pruned AS (
+    DELETE FROM {COUNTER}
+    WHERE name LIKE %(bucket_prefix)s || '%%'
+      AND name < %(bucket_prefix)s || (floor(extract(epoch FROM now())) - 600)::bigint
 )
 SELECT shard, count(*) FROM published GROUP BY shard
 """
@@ -303,6 +317,7 @@ def delete_published_fenced(
         {
             "me": me, "ids": ",".join(ids), "shards": shards,
             "epochs": [leases[s] for s in shards], "counter": PUBLISHED_COUNTER,
+            "bucket_prefix": PUBLISHED_BUCKET_PREFIX,
         },
         prepare=True,
     ).fetchall()
