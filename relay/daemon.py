@@ -18,6 +18,8 @@ from types import FrameType
 
 from outbox.errors import OutboxError
 from outbox.kafka_logging import protect_kafka_logs
+from outbox.log_format import configure_daemon_logging, log_context
+from outbox.log_format import log_format as read_log_format
 from relay.config import RelayConfig
 from relay.options import add_arguments
 from relay.relay import Relay
@@ -37,9 +39,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    try:
+        log_format = read_log_format()  # OUTBOX_LOG_FORMAT: text or json
+    except OutboxError as exc:
+        print(f"outbox relay: {exc}", file=sys.stderr)
+        return 2
+    configure_daemon_logging(
+        getattr(logging, str(args.log_level).upper(), logging.INFO),
+        text_format="%(asctime)s %(levelname)s %(name)s %(message)s", format=log_format,
     )
     # kafka-python logs every reconnect attempt at WARNING/ERROR; our own log
     # lines say what matters during an outage.
@@ -57,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
             metrics_port=args.metrics_port,
             metrics_host=args.metrics_host,
         )
+        log_context(relay_id=config.relay_id)
         relay = Relay(config)
     except OutboxError as exc:
         print(f"outbox relay: {exc}", file=sys.stderr)

@@ -9,11 +9,13 @@ this process also write to.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine
@@ -27,7 +29,7 @@ from relay.leases import ShardLeases
 from relay.observer import RelayObserver
 from tests import services
 from tests.integration.test_consumer import FAST_CONFIG, FAST_KAFKA, cloud_event, handled, produce
-from tests.kafka_helpers import relay_thread, wait_until
+from tests.kafka_helpers import relay_thread, start_relay_process, stop_process, wait_until
 from tests.scrape import Samples, free_port, probe, scrape, value
 
 pytestmark = pytest.mark.integration
@@ -208,3 +210,28 @@ def test_relay_health_follows_a_broker_outage(
     assert _moved(before, after, "outbox_relay_outage_seconds_total", kind="broker") > 0
     assert value(after, "outbox_relay_outage", kind="broker") == 0
     assert _moved(before, after, "outbox_relay_published_total", topic=topic) == 3
+
+
+def test_relay_daemon_serves_metrics_from_the_env_and_logs_json_lines(
+    clean_db: Engine, database_url: str, bootstrap_servers: str, tmp_path: Path
+) -> None:
+    """`outbox relay` with OUTBOX_RELAY_METRICS_PORT and OUTBOX_LOG_FORMAT=json, as a real process."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = tmp_path / "relay.log"
+    missing = f"obs-missing-{uuid.uuid4().hex[:8]}"
+    proc = start_relay_process(database_url, bootstrap_servers, log_path=log, extra_env={
+        "OUTBOX_RELAY_METRICS_PORT": str(port), "OUTBOX_LOG_FORMAT": "json",
+        "OUTBOX_RELAY_MAX_ATTEMPTS": "1",
+    })
+    try:
+        wait_until(lambda: probe(url, "/readyz")[0] == 200, timeout=30, what="relay ready")
+        [event_id] = _write(clean_db, missing, 1)
+        wait_until(lambda: value(scrape(url), "outbox_relay_parked_total", topic=missing) == 1,
+                   timeout=30, what="the event parked")
+    finally:
+        assert stop_process(proc) == 0
+    lines = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    assert lines and all({"time", "level", "logger", "message", "relay_id"} <= set(line) for line in lines)
+    parked = [line for line in lines if line["message"].startswith("event parked")]
+    assert parked and parked[0]["event_id"] == str(event_id) and parked[0]["topic"] == missing
