@@ -33,7 +33,7 @@ BATCH_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
 # -- relay -----------------------------------------------------------------------
 
 RELAY_PUBLISHED = Counter(
-    "outbox_relay_published", "Events acknowledged by the broker and deleted from the outbox.",
+    "outbox_relay_published", "Events the broker acknowledged (acks=all), by topic.",
     ["topic"],
 )
 RELAY_PUBLISH_FAILURES = Counter(

@@ -20,11 +20,13 @@ import argparse
 import random
 import sys
 import threading
+import time
 from pathlib import Path
 
 from examples.payments.system import Outcome, PaymentsSystem
 from harness import devstack
 from harness.devstack import REPO
+from harness.scrape import quantile, scrape, value
 
 
 def run(
@@ -43,12 +45,15 @@ def run(
     """The whole chain once; returns the outcome and how often each process was SIGKILLed."""
     assert callable(say)
     system = PaymentsSystem(
-        database_url=database_url, bootstrap_servers=bootstrap_servers, workdir=workdir
+        database_url=database_url, bootstrap_servers=bootstrap_servers, workdir=workdir,
+        metrics=True,
     )
     say(f"schema: outbox tables at {system.prepare()}, example tables ready")
     say(f"kafka: topic {system.topic} (4 partitions), consumer group {system.group}")
     system.start()
     say(f"relay and ledger running (logs in {workdir})")
+    for name, url in system.metrics_urls.items():
+        say(f"{name}: metrics at {url}/metrics, health at {url}/livez and {url}/readyz")
 
     rng = random.Random(seed)
     victims = (["relay", "ledger"] * kills)[:kills]
@@ -71,6 +76,8 @@ def run(
         writing_done.set()
         chaos_thread.join()
         system.wait_until_applied(timeout=timeout)
+        for line in read_back_metrics(system):
+            say(line)
         exits = system.stop()
         if any(exits.values()):
             say(f"warning: exit codes {exits}")
@@ -78,6 +85,41 @@ def run(
     finally:
         system.stop()
         system.close()
+
+
+def read_back_metrics(system: PaymentsSystem, *, timeout: float = 20) -> list[str]:
+    """A few figures as Prometheus would scrape them from the relay's and the ledger's /metrics,
+    not from the demo's own counters, so that the metrics are seen to be true."""
+    relay, ledger = system.metrics_urls["relay-0"], system.metrics_urls["ledger-0"]
+    committed = system.committed_events()
+    # The backlog gauges are refreshed every few seconds: wait for the drained state.
+    deadline = time.monotonic() + timeout
+    seen = scrape(relay)
+    while value(seen, "outbox_published_events") < committed and time.monotonic() < deadline:
+        time.sleep(0.5)
+        seen = scrape(relay)
+    consumed = scrape(ledger)
+    group = {"group": system.group, "topic": system.topic}
+
+    def ms(q: float | None) -> str:
+        return "-" if q is None else f"{q * 1000:.0f} ms"
+
+    return [
+        "read back from /metrics (counters since each process's last restart):",
+        f"  relay  {relay}/metrics: outbox_published_events (m) {value(seen, 'outbox_published_events'):.0f}, "
+        f"outbox_backlog_events (Q) {value(seen, 'outbox_backlog_events'):.0f}, "
+        f"outbox_parked_events {value(seen, 'outbox_parked_events'):.0f}, "
+        f"oldest unpublished {value(seen, 'outbox_oldest_unpublished_age_seconds'):.1f}s",
+        f"         outbox_relay_published_total {value(seen, 'outbox_relay_published_total', topic=system.topic):.0f}, "
+        f"commit->ack p50 {ms(quantile(seen, 'outbox_relay_commit_to_ack_seconds', 0.5, topic=system.topic))}, "
+        f"p99 {ms(quantile(seen, 'outbox_relay_commit_to_ack_seconds', 0.99, topic=system.topic))}",
+        f"  ledger {ledger}/metrics: outbox_consumer_applied_total "
+        f"{value(consumed, 'outbox_consumer_applied_total', **group):.0f}, "
+        f"duplicates {value(consumed, 'outbox_consumer_duplicates_total', **group):.0f}, "
+        f"dead-lettered {value(consumed, 'outbox_consumer_dead_lettered_total', **group):.0f}, "
+        f"commit->effect p50 {ms(quantile(consumed, 'outbox_consumer_commit_to_effect_seconds', 0.5, **group))}, "
+        f"p99 {ms(quantile(consumed, 'outbox_consumer_commit_to_effect_seconds', 0.99, **group))}",
+    ]
 
 
 def print_summary(outcome: Outcome, killed: dict[str, int]) -> None:

@@ -70,6 +70,9 @@ def main() -> None:
         help="Kafka static membership id: a restarted ledger with the same id takes its "
         "partitions back at once instead of waiting for a rebalance",
     )
+    parser.add_argument(
+        "--metrics-port", type=int, help="serve /metrics, /livez and /readyz on 127.0.0.1:PORT"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     logging.getLogger("kafka").setLevel(logging.CRITICAL)
@@ -80,6 +83,9 @@ def main() -> None:
         # A ledger that died for good hands its partitions over within 10 s.
         session_timeout_ms=10_000, heartbeat_interval_ms=2_000, **static,
     )
+    # The library's helper: the consumer's metrics and health over HTTP.
+    endpoints = (outbox.serve_consumer_endpoints(consumer, port=args.metrics_port)
+                 if args.metrics_port else None)
     stop_writing = threading.Event()
 
     def write_stats() -> None:
@@ -93,6 +99,8 @@ def main() -> None:
     finally:
         stop_writing.set()
         consumer.close()
+        if endpoints is not None:
+            endpoints.close()
         if args.stats_file:
             _write_stats(args.stats_file, consumer)
 

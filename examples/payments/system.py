@@ -32,6 +32,7 @@ from examples.payments.service import PaymentService, TransitionError
 from harness import procs
 from harness.procs import Child
 from harness.progress import bar as _bar
+from harness.scrape import free_port
 from outbox import migrate
 from outbox.stats import outbox_stats
 
@@ -87,7 +88,10 @@ class PaymentsSystem:
         partitions: int = 4,
         replication: int = 1,
         relay_env: dict[str, str] | None = None,
+        metrics: bool = False,
     ) -> None:
+        """`metrics`: each relay and ledger serves /metrics, /livez and /readyz on a free
+        127.0.0.1 port of its own (`metrics_urls`, by process name)."""
         self.database_url = database_url
         self.bootstrap_servers = bootstrap_servers
         self.workdir = workdir
@@ -98,14 +102,21 @@ class PaymentsSystem:
         self.engine: Engine = create_engine(database_url, pool_size=8, max_overflow=8,
                                             pool_pre_ping=True)
         env = procs.child_env(database_url, bootstrap_servers, relay_env)
+        names = [*(f"relay-{i}" for i in range(relays)), *(f"ledger-{i}" for i in range(ledgers))]
+        ports = {name: free_port() for name in names} if metrics else {}
+        self.metrics_urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
         self.relays = [
-            procs.relay(f"relay-{i}", env, log=workdir / f"relay-{i}.log") for i in range(relays)
+            procs.relay(f"relay-{i}", {**env, **({"OUTBOX_RELAY_METRICS_PORT": str(ports[f"relay-{i}"])}
+                                                 if metrics else {})},
+                        log=workdir / f"relay-{i}.log")
+            for i in range(relays)
         ]
         ledger_argv = [sys.executable, "-m", "examples.payments.ledger",
                        "--topic", self.topic, "--group", self.group]
         self.ledgers = [
-            Ledger(f"ledger-{i}", [*ledger_argv, "--instance-id", f"ledger-{i}"], env,
-                   workdir / f"ledger-{i}.log")
+            Ledger(f"ledger-{i}", [*ledger_argv, "--instance-id", f"ledger-{i}",
+                                   *(["--metrics-port", str(ports[f"ledger-{i}"])] if metrics else [])],
+                   env, workdir / f"ledger-{i}.log")
             for i in range(ledgers)
         ]
         self.service = PaymentService(self.engine, topic=self.topic)

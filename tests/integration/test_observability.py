@@ -22,6 +22,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 import outbox
+from harness.scrape import Samples, free_port, probe, scrape, value
 from outbox.consumer import Consumer
 from outbox.event import Event
 from relay import RelayConfig
@@ -30,7 +31,6 @@ from relay.observer import RelayObserver
 from tests import services
 from tests.integration.test_consumer import FAST_CONFIG, FAST_KAFKA, cloud_event, handled, produce
 from tests.kafka_helpers import relay_thread, start_relay_process, stop_process, wait_until
-from tests.scrape import Samples, free_port, probe, scrape, value
 
 pytestmark = pytest.mark.integration
 

@@ -1,7 +1,7 @@
 """Reading the kit's /metrics, /livez and /readyz as Prometheus and Kubernetes would: over HTTP.
 
-The text is parsed by prometheus_client's own parser, so a test passes only
-if a real scraper would read the same numbers.
+The text is parsed by prometheus_client's own parser, so a test (or the
+demo's closing figures) shows only what a real scraper would read.
 """
 
 from __future__ import annotations
@@ -39,6 +39,26 @@ def scrape(url: str) -> Samples:
 def value(samples: Samples, name: str, **labels: str) -> float:
     """One sample's value; 0 when the series does not exist (yet)."""
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def quantile(samples: Samples, histogram: str, q: float, **labels: str) -> float | None:
+    """The `q` quantile of a histogram, as PromQL's histogram_quantile estimates it from its
+    buckets (linear within the bucket); None when it has no observations."""
+    buckets = sorted(
+        (float(dict(key)["le"]), count) for (name, key), count in samples.items()
+        if name == f"{histogram}_bucket" and all(dict(key).get(k) == v for k, v in labels.items())
+    )
+    if not buckets or buckets[-1][1] == 0:
+        return None
+    rank = q * buckets[-1][1]
+    lower, below = 0.0, 0.0
+    for upper, count in buckets:
+        if count >= rank:
+            if upper == float("inf"):
+                return lower
+            return lower + (upper - lower) * ((rank - below) / (count - below) if count > below else 0)
+        lower, below = upper, count
+    return lower
 
 
 def probe(url: str, path: str) -> tuple[int, dict[str, Any]]:
