@@ -46,6 +46,7 @@ from outbox.health import (
     database_problem,
 )
 from outbox.records import KafkaRecord
+from outbox.tracing import traced_handler
 
 if TYPE_CHECKING:
     from outbox.consumer import Consumer
@@ -117,8 +118,10 @@ class ConsumerObserver:
         self._batch.observe(seconds)
 
     def timed(self, handler: Callable[[Session, Event], object]) -> Callable[[Session, Event], object]:
-        """`handler`, timing each call into outbox_consumer_handler_duration_seconds."""
+        """`handler`, timing each call into outbox_consumer_handler_duration_seconds, inside a
+        `process {topic}` span when OpenTelemetry is in use (outbox/tracing.py)."""
         histogram = metrics.CONSUMER_HANDLER_DURATION
+        handler = traced_handler(handler, self.group)
 
         @functools.wraps(handler)
         def timed_handler(session: Session, event: Event) -> object:

@@ -31,6 +31,7 @@ from outbox.config import env_int
 from outbox.errors import InvalidEventError, PayloadTooLargeError
 from outbox.event import BYTES_CONTENT_TYPE, JSON_CONTENT_TYPE, Event
 from outbox.schema import OutboxRow, outbox_event
+from outbox.tracing import create_span
 
 MAX_PAYLOAD_BYTES_ENV = "OUTBOX_MAX_PAYLOAD_BYTES"
 # Kafka's default message.max.bytes is 1 MiB for key, value and headers
@@ -84,10 +85,17 @@ def publish(
     `InvalidEventError` (or `PayloadTooLargeError`) on bad input, before
     anything is added to the transaction.
     """
-    event, values = event_row(
-        topic=topic, key=key, type=type, data=data, headers=headers, event_id=event_id,
-        max_payload_bytes=max_payload_bytes,
-    )
+    with create_span(topic, headers) as span:  # OpenTelemetry, when in use (outbox/tracing.py)
+        event, values = event_row(
+            topic=topic, key=key, type=type, data=data, headers=span.headers, event_id=event_id,
+            max_payload_bytes=max_payload_bytes,
+        )
+        span.message_id(event.id)
+        _insert(session, values)
+    return event
+
+
+def _insert(session: Session | AsyncSession | Connection, values: dict[str, Any]) -> None:
     if isinstance(session, Session):
         # The INSERT runs on the session's own connection and transaction,
         # not through the ORM unit of work, which would cost more Python time
@@ -108,13 +116,14 @@ def publish(
             "session",
             f"expected a SQLAlchemy Session, AsyncSession or Connection, got {type_name(session)}",
         )
-    return event
 
 
 async def publish_async(conn: AsyncConnection, **fields: Any) -> Event:
     """`publish` for an `AsyncConnection` (Core, no ORM session); same fields, same rules."""
-    event, values = event_row(**fields)
-    await conn.execute(_INSERT, values)
+    with create_span(fields.get("topic", ""), fields.get("headers")) as span:
+        event, values = event_row(**{**fields, "headers": span.headers})
+        span.message_id(event.id)
+        await conn.execute(_INSERT, values)
     return event
 
 

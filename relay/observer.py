@@ -30,7 +30,7 @@ import psycopg
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.pool import NullPool
 
-from outbox import metrics
+from outbox import metrics, tracing
 from outbox.endpoints import Endpoints, serve
 from outbox.errors import ConfigError
 from outbox.health import PROBE_INTERVAL, BrokerProbe, Health, Ticker, database_problem
@@ -49,6 +49,7 @@ class RelayObserver:
         self.health = Health(liveness_timeout=config.liveness_timeout)
         self._leases = leases
         self._round_start = 0.0
+        self._round_started_at = 0.0
         self._outage: str | None = None  # kind of the outage being waited out
         self._outage_counted_at = 0.0
         self._owned = 0
@@ -70,6 +71,7 @@ class RelayObserver:
     def round_started(self) -> None:
         self.beat()
         self._round_start = time.perf_counter()
+        self._round_started_at = time.time()
 
     def round(self, rows: Sequence[Row], deliveries: Sequence[Delivery]) -> None:
         """A round that found `rows` ended with `deliveries` (same order)."""
@@ -89,6 +91,9 @@ class RelayObserver:
             metrics.RELAY_PUBLISHED.labels(topic).inc(count)
         for kind, count in failures.items():
             metrics.RELAY_PUBLISH_FAILURES.labels(kind).inc(count)
+        if tracing.enabled():
+            tracing.send_spans([(row.topic, row.headers) for row in rows], started=self._round_started_at,
+                               acknowledged=sum(published.values()))
 
     def parked(self, topic: str) -> None:
         metrics.RELAY_PARKED.labels(topic).inc()

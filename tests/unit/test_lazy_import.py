@@ -55,3 +55,17 @@ def test_an_unknown_package_attribute_is_still_an_attribute_error() -> None:
             print(exc)
     """)
     assert out == "module 'outbox' has no attribute 'Consumr'"
+
+
+def test_publishing_consuming_and_relaying_import_no_opentelemetry() -> None:
+    # Tracing costs nothing when absent: the kit never imports OpenTelemetry
+    # itself (outbox/tracing.py looks in sys.modules), installed or not.
+    out = _run("""
+        import sys
+        import outbox, outbox.consumer, outbox.tracing, relay.relay, relay.observer
+        with outbox.tracing.create_span("payments", {"a": "b"}) as span:
+            assert span.headers == {"a": "b"}
+        assert not outbox.tracing.enabled()
+        print(sorted(m for m in sys.modules if m.split('.')[0] == 'opentelemetry'))
+    """)
+    assert out == "[]"
