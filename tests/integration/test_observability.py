@@ -179,33 +179,42 @@ def test_consumer_metrics_move_with_applies_duplicates_retries_and_dead_letters(
     assert lags and all(v == 0 for v in lags.values()), lags  # all handled: nothing behind
 
 
-def test_relay_health_follows_a_broker_outage(
-    clean_db: Engine, database_url: str, bootstrap_servers: str, topic: str
+def test_relay_and_consumer_health_follow_a_broker_outage(
+    clean_db: Engine, database_url: str, bootstrap_servers: str, topic: str, group: str
 ) -> None:
     """Broker stopped: /readyz 503 with a one-line reason, /livez 200; started again: 200."""
     services.require_devstack("kafka")
     config = _relay_config(database_url, bootstrap_servers)
     url = _url(config)
-    with relay_thread(config) as relay:
-        wait_until(lambda: probe(url, "/readyz")[0] == 200, timeout=30, what="relay ready")
+    consumer = Consumer(clean_db, group=group, topics=[topic], handler=lambda _s, _e: None,
+                        bootstrap_servers=bootstrap_servers, config=FAST_CONFIG, **FAST_KAFKA)
+    endpoints = outbox.serve_consumer_endpoints(consumer, port=0)
+    urls = (url, endpoints.url)
+    with relay_thread(config) as relay, _consumer_thread(consumer):
+        for u in urls:
+            wait_until(lambda u=u: probe(u, "/readyz")[0] == 200, timeout=30, what=f"{u} ready")
         before = scrape(url)
         services.stop_kafka()
         try:
             _write(clean_db, topic, 3)  # a round that fails: the loop's own outage
-            wait_until(lambda: probe(url, "/readyz")[0] == 503, timeout=60, what="/readyz 503")
-            _, body = probe(url, "/readyz")
-            assert body["status"] == "unavailable" and "broker" in body["reason"], body
-            assert "\n" not in body["reason"]
+            for u in urls:
+                wait_until(lambda u=u: probe(u, "/readyz")[0] == 503, timeout=60, what=f"{u}/readyz 503")
+                _, body = probe(u, "/readyz")
+                assert body["status"] == "unavailable" and "broker" in body["reason"], body
+                assert "\n" not in body["reason"]
             wait_until(lambda: value(scrape(url), "outbox_relay_outage", kind="broker") == 1,
                        timeout=60, what="the loop to notice the outage")
-            assert probe(url, "/livez") == (200, {"status": "ok"})
             time.sleep(3)
-            assert probe(url, "/livez") == (200, {"status": "ok"})  # an outage is not death
+            for u in urls:  # an outage is not death
+                assert probe(u, "/livez") == (200, {"status": "ok"})
         finally:
             services.start_kafka()
-        wait_until(lambda: probe(url, "/readyz")[0] == 200, timeout=120, what="/readyz 200 again")
+        for u in urls:
+            wait_until(lambda u=u: probe(u, "/readyz")[0] == 200, timeout=120, what=f"{u}/readyz 200 again")
         wait_until(lambda: relay.published >= 3, timeout=60, what="the backlog to drain")
+        wait_until(lambda: handled(consumer) == 3, timeout=60, what="the consumer to apply them")
         after = scrape(url)
+    endpoints.close()
     assert _moved(before, after, "outbox_relay_outages_total", kind="broker") >= 1
     assert _moved(before, after, "outbox_relay_outage_seconds_total", kind="broker") > 0
     assert value(after, "outbox_relay_outage", kind="broker") == 0
