@@ -19,7 +19,10 @@ This module must never do I/O or start a thread: importing it only defines.
 
 from __future__ import annotations
 
+import bisect
 import re
+from collections.abc import Sequence
+from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -156,3 +159,30 @@ def error_kind(error: str | None) -> str:
     if not kind or len(kind) > 60 or (" " in head.strip() and not head.startswith("KafkaError")):
         return "other"
     return kind
+
+
+def observe_many(histogram: Any, values: Sequence[float]) -> None:
+    """`histogram.observe(v)` for every v, at the cost of one update per bucket, not per value.
+
+    The relay observes the commit-to-ack latency of every event it
+    publishes; at 2 us an observe, a 500-event round would spend a
+    millisecond on it. This counts the values into buckets with bisect and
+    adds each bucket's count and the sum once. It reaches into
+    prometheus_client's histogram child (`_upper_bounds`, `_buckets`,
+    `_sum`); should those change, it falls back to one observe per value
+    (tests/unit/test_metrics.py checks both give the same samples).
+    """
+    bounds = getattr(histogram, "_upper_bounds", None)
+    buckets = getattr(histogram, "_buckets", None)
+    total = getattr(histogram, "_sum", None)
+    if bounds is None or buckets is None or total is None or len(bounds) != len(buckets):
+        for value in values:
+            histogram.observe(value)
+        return
+    counts = [0] * len(bounds)
+    for value in values:
+        counts[min(bisect.bisect_left(bounds, value), len(bounds) - 1)] += 1
+    for bucket, count in zip(buckets, counts, strict=True):
+        if count:
+            bucket.inc(count)
+    total.inc(sum(values))

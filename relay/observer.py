@@ -24,7 +24,6 @@ import time
 from collections import Counter as Tally
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
 
 import psycopg
 from sqlalchemy import Engine, create_engine
@@ -80,13 +79,16 @@ class RelayObserver:
         now = time.time()
         published: Tally[str] = Tally()
         failures: Tally[str] = Tally()
-        latency = metrics.RELAY_COMMIT_TO_ACK
+        latencies: dict[str, list[float]] = {}
+        epoch = _Epochs()
         for row, delivery in zip(rows, deliveries, strict=True):
             if delivery.acknowledged:
                 published[row.topic] += 1
-                latency.labels(row.topic).observe(now - _epoch(row.time))
+                latencies.setdefault(row.topic, []).append(now - epoch(row.time))
             elif delivery.attempted:
                 failures[metrics.error_kind(delivery.error)] += 1
+        for topic, values in latencies.items():
+            metrics.observe_many(metrics.RELAY_COMMIT_TO_ACK.labels(topic), values)
         for topic, count in published.items():
             metrics.RELAY_PUBLISHED.labels(topic).inc(count)
         for kind, count in failures.items():
@@ -200,7 +202,19 @@ class RelayObserver:
         metrics.RELAY_READY.set(0 if self.health.ready() else 1)
 
 
-def _epoch(rfc3339: str) -> float:
-    """`2026-12-01T18:45:38.123456Z` (outbox.envelope.format_time) as Unix time."""
-    stamp: Any = datetime.fromisoformat(rfc3339)
-    return float(stamp.timestamp())
+class _Epochs:
+    """RFC 3339 UTC times as `relay.store.Row` has them (`2026-12-01T18:45:38.123456Z`) as Unix time.
+
+    The events of one round mostly share their second: each distinct second
+    is parsed once, the microseconds added, which halves the cost per event.
+    """
+
+    def __init__(self) -> None:
+        self._seconds: dict[str, float] = {}
+
+    def __call__(self, text: str) -> float:
+        head = text[:19]
+        base = self._seconds.get(head)
+        if base is None:
+            base = self._seconds[head] = datetime.fromisoformat(head + "+00:00").timestamp()
+        return base + int(text[20:26]) * 1e-6 if len(text) == 27 else datetime.fromisoformat(text).timestamp()
