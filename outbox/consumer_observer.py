@@ -62,6 +62,7 @@ class ConsumerObserver:
         self._engine = engine
         self._lag_read_at = 0.0
         self._polled = False
+        self._children: dict[tuple[Any, str], Any] = {}
         self._endpoints: Endpoints | None = None
         self._ticker: Ticker | None = None
         self._broker: BrokerProbe | None = None
@@ -91,18 +92,18 @@ class ConsumerObserver:
     def applied(self, event: Event, applied: bool) -> None:
         """`event`'s transaction committed: applied (its handler ran) or a duplicate (skipped)."""
         if applied:
-            metrics.CONSUMER_APPLIED.labels(self.group, event.topic).inc()
-            metrics.CONSUMER_COMMIT_TO_EFFECT.labels(self.group, event.topic).observe(
+            self._child(metrics.CONSUMER_APPLIED, event.topic).inc()
+            self._child(metrics.CONSUMER_COMMIT_TO_EFFECT, event.topic).observe(
                 time.time() - event.time.timestamp()
             )
         else:
-            metrics.CONSUMER_DUPLICATES.labels(self.group, event.topic).inc()
+            self._child(metrics.CONSUMER_DUPLICATES, event.topic).inc()
 
     def dead_lettered(self, record: KafkaRecord) -> None:
-        metrics.CONSUMER_DEAD_LETTERED.labels(self.group, record.topic).inc()
+        self._child(metrics.CONSUMER_DEAD_LETTERED, record.topic).inc()
 
     def retry(self, event: Event) -> None:
-        metrics.CONSUMER_RETRIES.labels(self.group, event.topic).inc()
+        self._child(metrics.CONSUMER_RETRIES, event.topic).inc()
 
     def database_wait(self, reason: object) -> None:
         self.beat()
@@ -129,7 +130,7 @@ class ConsumerObserver:
             try:
                 return handler(session, event)
             finally:
-                histogram.labels(self.group, event.topic).observe(time.perf_counter() - started)
+                self._child(histogram, event.topic).observe(time.perf_counter() - started)
 
         return timed_handler
 
@@ -165,6 +166,13 @@ class ConsumerObserver:
             self._broker.close()
 
     # -- inside -----------------------------------------------------------------------------
+
+    def _child(self, metric: Any, topic: str) -> Any:
+        """`metric.labels(group, topic)`, looked up once: labels() takes a lock every call."""
+        child = self._children.get((metric, topic))
+        if child is None:
+            child = self._children[(metric, topic)] = metric.labels(self.group, topic)
+        return child
 
     def _select_one(self) -> None:
         with self._engine.connect() as conn:
