@@ -36,6 +36,7 @@ from sqlalchemy.orm import Session
 
 from outbox import metrics
 from outbox.endpoints import DEFAULT_HOST, Endpoints, serve
+from outbox.errors import first_line
 from outbox.event import Event
 from outbox.health import (
     DEFAULT_LIVENESS_TIMEOUT,
@@ -105,10 +106,10 @@ class ConsumerObserver:
     def retry(self, event: Event) -> None:
         self._child(metrics.CONSUMER_RETRIES, event.topic).inc()
 
-    def database_wait(self, reason: object) -> None:
+    def database_wait(self, reason: BaseException | None) -> None:
         self.beat()
         self._waits.inc()
-        self.health.problem("loop", f"waiting for the database: {reason}")
+        self.health.problem("loop", f"waiting for the database: {first_line(reason)}")
         self._update_ready()
 
     def database_back(self) -> None:

@@ -31,7 +31,7 @@ from sqlalchemy.pool import NullPool
 
 from outbox import metrics, tracing
 from outbox.endpoints import Endpoints, serve
-from outbox.errors import ConfigError
+from outbox.errors import ConfigError, first_line
 from outbox.health import PROBE_INTERVAL, BrokerProbe, Health, Ticker, database_problem
 from outbox.stats import outbox_stats
 from relay.config import RelayConfig
@@ -114,7 +114,7 @@ class RelayObserver:
             self._outage = kind
             metrics.RELAY_OUTAGES.labels(kind).inc()
             metrics.RELAY_OUTAGE.labels(kind).set(1)
-        self.health.problem("loop", f"{kind} outage: {type(exc).__name__}: {exc}")
+        self.health.problem("loop", f"{kind} outage: {type(exc).__name__}: {first_line(exc)}")
         self._update_ready()
 
     def recovered(self) -> None:

@@ -10,6 +10,7 @@ this process also write to.
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 import uuid
@@ -30,7 +31,13 @@ from relay.leases import ShardLeases
 from relay.observer import RelayObserver
 from tests import services
 from tests.integration.test_consumer import FAST_CONFIG, FAST_KAFKA, cloud_event, handled, produce
-from tests.kafka_helpers import relay_thread, start_relay_process, stop_process, wait_until
+from tests.kafka_helpers import (
+    relay_thread,
+    run_relay_until_exit,
+    start_relay_process,
+    stop_process,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -244,3 +251,17 @@ def test_relay_daemon_serves_metrics_from_the_env_and_logs_json_lines(
     assert lines and all({"time", "level", "logger", "message", "relay_id"} <= set(line) for line in lines)
     parked = [line for line in lines if line["message"].startswith("event parked")]
     assert parked and parked[0]["event_id"] == str(event_id) and parked[0]["topic"] == missing
+
+
+def test_a_metrics_port_in_use_exits_at_start_with_one_line_naming_the_setting(
+    clean_db: Engine, database_url: str, bootstrap_servers: str
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        exited = run_relay_until_exit(database_url, bootstrap_servers, timeout=30,
+                                      extra_env={"OUTBOX_RELAY_METRICS_PORT": str(port)})
+    assert exited.returncode == 2, exited.output
+    [line] = [x for x in exited.output.splitlines() if x.startswith("outbox relay:")]
+    assert "OUTBOX_RELAY_METRICS_PORT" in line and f"127.0.0.1:{port}" in line, line
