@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 
 import outbox
 from outbox.parked import list_parked
-from outbox.schema import SHARDS, outbox_event
+from outbox.schema import PUBLISHED_BUCKET_PREFIX, PUBLISHED_COUNTER, SHARDS, outbox_event
 from outbox.writer import DEFAULT_MAX_PAYLOAD_BYTES
 from relay import RelayConfig, store
 from relay.leases import ShardLeases
@@ -99,7 +99,8 @@ def test_prepared_statements_made_on_an_empty_outbox_delete_a_batch_of_a_large_o
         more = [str(r[0]) for r in conn.execute("SELECT id FROM outbox_event LIMIT 500").fetchall()]
         shards = sorted(leases)
         with conn.transaction(force_rollback=True):
-            args = (shards, [leases[s] for s in shards], me, ",".join(more), "published")
+            args = (shards, [leases[s] for s in shards], me, ",".join(more), PUBLISHED_COUNTER,
+                    PUBLISHED_BUCKET_PREFIX)
             explained = "\n".join(row[0] for row in conn.execute(
                 sql.SQL("EXPLAIN (ANALYZE) EXECUTE {}({})").format(
                     sql.Identifier(delete[0][0]), sql.SQL(", ").join(map(sql.Literal, args))
