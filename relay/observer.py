@@ -50,6 +50,7 @@ class RelayObserver:
         self._round_start = 0.0
         self._round_started_at = 0.0
         self._outage: str | None = None  # kind of the outage being waited out
+        self._started = False  # the start checks passed once
         self._outage_counted_at = 0.0
         self._owned = 0
         self._endpoints: Endpoints | None = None
@@ -119,7 +120,10 @@ class RelayObserver:
 
     def recovered(self) -> None:
         """A round (or the start) worked."""
-        self.health.problem("start", None)
+        if not self._started:
+            self._started = True
+            self.health.problem("start", None)
+            self._update_ready()
         if self._outage is not None:
             self._count_outage_time()
             metrics.RELAY_OUTAGE.labels(self._outage).set(0)
