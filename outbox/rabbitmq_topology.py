@@ -1,0 +1,153 @@
+"""The RabbitMQ topology that keeps per-key order: names, and declaring it idempotently.
+
+An event's topic T is a durable **fanout exchange `T`**: the relay
+publishes each event there, with its key as the routing key, `mandatory`
+set, so a topic that no consumer group is bound to comes back unroutable
+(and is parked by the relay, like a missing Kafka topic). Each consumer
+group G has its own part behind it:
+
+    exchange T (fanout) ──▶ exchange T.G (x-consistent-hash, on the routing key)
+                              ├──▶ quorum queue T.G.0  ┐ single active consumer,
+                              ├──▶ quorum queue T.G.1  │ x-delivery-limit,
+                              └──▶ quorum queue T.G.N-1┘ dead letters ──▶ T.G.dlx ──▶ T.G.dead
+
+- One key always hashes to the same queue of a group (every queue bound
+  with weight 1), and each queue has a single active consumer, so one key's
+  events are applied in the order the relay published them, which is their
+  commit order. Another consumer of the group waits on the same queues and
+  takes over when the active one goes away.
+- Quorum queues (replicated, fsynced before the publisher confirm) and
+  persistent messages: a confirmed event survives a broker crash.
+- `x-delivery-limit`: RabbitMQ 3.10 sets none, so a message that kills its
+  consumer every time would be delivered forever. After `delivery_limit`
+  returns to the queue the broker moves it to `T.G.dead` through the
+  dead-letter exchange `T.G.dlx` (`at-most-once` dead-lettering, the only
+  kind 3.10 has for this). The kit's consumer dead-letters a failing
+  message in the database long before (`max_attempts`); this limit is for
+  what never reaches that point (a process that crashes on a message).
+  A consumer that stops, is killed, or loses its connection returns its
+  unacknowledged messages and so counts towards the limit: keep it well
+  above what restarts can add up to (default 20).
+- The number of queues is fixed per group: changing it moves keys to other
+  queues, and events of a moved key could overtake each other. Drain the
+  group's queues first.
+
+`declare` is idempotent: declaring what exists with the same arguments
+changes nothing; different arguments (another queue count keeps the old
+queues, another delivery limit) are refused by the broker with
+PRECONDITION_FAILED, reported as a ConfigError naming the queue.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from outbox.errors import ConfigError
+
+CONSISTENT_HASH = "x-consistent-hash"
+DEFAULT_QUEUES = 4
+DEFAULT_DELIVERY_LIMIT = 20
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Topology:
+    """The names and arguments of one consumer group's part of one topic."""
+
+    topic: str
+    group: str
+    queues: int = DEFAULT_QUEUES
+    delivery_limit: int = DEFAULT_DELIVERY_LIMIT
+
+    def __post_init__(self) -> None:
+        if not self.topic or not self.group:
+            raise ConfigError("topic", "topic and group must both be non-empty")
+        if not 1 <= self.queues <= 1000:
+            raise ConfigError("queues", f"{self.queues} is out of range 1..1000")
+        if not 1 <= self.delivery_limit <= 1_000_000:
+            raise ConfigError("delivery_limit", f"{self.delivery_limit} is out of range 1..1000000")
+
+    @property
+    def exchange(self) -> str:
+        """Where the relay publishes: the topic itself."""
+        return self.topic
+
+    @property
+    def group_exchange(self) -> str:
+        return f"{self.topic}.{self.group}"
+
+    @property
+    def dead_letter_exchange(self) -> str:
+        return f"{self.topic}.{self.group}.dlx"
+
+    @property
+    def dead_letter_queue(self) -> str:
+        return f"{self.topic}.{self.group}.dead"
+
+    def queue(self, index: int) -> str:
+        return f"{self.topic}.{self.group}.{index}"
+
+    @property
+    def queue_names(self) -> list[str]:
+        return [self.queue(i) for i in range(self.queues)]
+
+    def queue_arguments(self) -> dict[str, Any]:
+        return {
+            "x-queue-type": "quorum",
+            "x-single-active-consumer": True,
+            "x-delivery-limit": self.delivery_limit,
+            "x-dead-letter-exchange": self.dead_letter_exchange,
+        }
+
+
+def declare_topic(channel: Any, topic: str) -> None:
+    """The topic's own exchange (what the relay needs), on a pika BlockingChannel."""
+    channel.exchange_declare(exchange=topic, exchange_type="fanout", durable=True)
+
+
+def declare(channel: Any, topology: Topology) -> None:
+    """Declare `topology` on a pika BlockingChannel; idempotent (see the module docstring).
+
+    A broker refusal (different arguments, the plugin not enabled) is a
+    ConfigError; the channel is closed by the broker then.
+    """
+    import pika.exceptions as pe
+
+    step = f"exchange {topology.exchange}"
+    try:
+        declare_topic(channel, topology.topic)
+        step = f"exchange {topology.group_exchange}"
+        channel.exchange_declare(exchange=topology.group_exchange, exchange_type=CONSISTENT_HASH,
+                                 durable=True)
+        channel.exchange_bind(destination=topology.group_exchange, source=topology.exchange,
+                              routing_key="")
+        step = f"exchange {topology.dead_letter_exchange}"
+        channel.exchange_declare(exchange=topology.dead_letter_exchange, exchange_type="fanout",
+                                 durable=True)
+        step = f"queue {topology.dead_letter_queue}"
+        channel.queue_declare(queue=topology.dead_letter_queue, durable=True,
+                              arguments={"x-queue-type": "quorum"})
+        channel.queue_bind(queue=topology.dead_letter_queue, exchange=topology.dead_letter_exchange,
+                           routing_key="")
+        for name in topology.queue_names:
+            step = f"queue {name}"
+            channel.queue_declare(queue=name, durable=True, arguments=topology.queue_arguments())
+            # The binding key of a consistent-hash binding is the queue's weight.
+            channel.queue_bind(queue=name, exchange=topology.group_exchange, routing_key="1")
+    except pe.ChannelClosedByBroker as exc:
+        raise ConfigError("rabbitmq", f"the broker refused {step}: {exc.reply_text}") from None
+    except pe.ConnectionClosedByBroker as exc:
+        raise ConfigError("rabbitmq", f"the broker closed the connection at {step}: {exc.reply_text}"
+                          ) from None
+
+
+def declare_all(channel: Any, topics: Sequence[str], group: str, *, queues: int,
+                delivery_limit: int) -> list[Topology]:
+    """`declare` for each of `topics` for one group; returns what was declared."""
+    declared = []
+    for topic in topics:
+        topology = Topology(topic=topic, group=group, queues=queues, delivery_limit=delivery_limit)
+        declare(channel, topology)
+        declared.append(topology)
+    return declared
