@@ -44,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
     # kafka-python logs every reconnect attempt at WARNING/ERROR; our own log
     # lines say what matters during an outage.
     logging.getLogger("kafka").setLevel(logging.CRITICAL)
+    logging.getLogger("pika").setLevel(logging.CRITICAL)  # the same for RabbitMQ's client
     # Muted is not enough if a user turns it back on: the wire-level lines
     # (SASL bytes, records) stay redacted whatever the level.
     protect_kafka_logs()
