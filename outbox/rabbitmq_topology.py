@@ -40,6 +40,7 @@ PRECONDITION_FAILED, reported as a ConfigError naming the queue.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -151,3 +152,43 @@ def declare_all(channel: Any, topics: Sequence[str], group: str, *, queues: int,
         declare(channel, topology)
         declared.append(topology)
     return declared
+
+
+def declare_command(args: Any) -> int:
+    """`outbox rabbitmq declare`: the topics' exchanges and, with --group, the group's queues."""
+    import pika
+
+    from outbox.errors import OutboxError
+    from outbox.rabbitmq_wire import connection_parameters, rabbitmq_url, refusal
+
+    if getattr(args, "log_level", "WARNING") != "DEBUG":
+        # pika logs every failed connection step with a traceback; the one line below says it.
+        logging.getLogger("pika").setLevel(logging.CRITICAL)
+    url = rabbitmq_url()
+    try:
+        connection = pika.BlockingConnection(connection_parameters(url))
+    except Exception as exc:
+        problem = refusal(exc, url)
+        if problem is not None:
+            raise problem from None
+        from outbox.config import safe_url
+
+        raise OutboxError(f"RabbitMQ at {safe_url(url)} not reachable: {type(exc).__name__}") from None
+    try:
+        channel = connection.channel()
+        for topic in args.topic:
+            if args.group is None:
+                declare_topic(channel, topic)
+                print(f"outbox: exchange {topic} (fanout, durable)")
+                continue
+            topology = Topology(topic=topic, group=args.group, queues=args.queues,
+                                delivery_limit=args.delivery_limit)
+            declare(channel, topology)
+            print(f"outbox: exchange {topology.exchange} -> {topology.group_exchange} (consistent hash) "
+                  f"-> {topology.queues} quorum queues {topology.queue(0)}..{topology.queue(topology.queues - 1)} "
+                  f"(single active consumer, delivery limit {topology.delivery_limit}, dead letters "
+                  f"to {topology.dead_letter_queue})")
+    finally:
+        if connection.is_open:
+            connection.close()
+    return 0
