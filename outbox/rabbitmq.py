@@ -61,7 +61,13 @@ from outbox.backoff import backoff
 from outbox.config import env_bool, env_int, safe_url
 from outbox.consumer_config import ConsumerConfig
 from outbox.errors import ConfigError, describe_error
-from outbox.rabbitmq_topology import DEFAULT_DELIVERY_LIMIT, DEFAULT_QUEUES, Topology, declare
+from outbox.rabbitmq_topology import (
+    DEFAULT_DELIVERY_LIMIT,
+    DEFAULT_QUEUES,
+    PARTITION_KEY_HEADER,
+    Topology,
+    declare,
+)
 from outbox.rabbitmq_wire import connection_parameters, from_amqp, rabbitmq_url, refusal
 from outbox.records import KafkaRecord
 
@@ -79,7 +85,7 @@ class RabbitMQRecord:
     """One delivered message in the shape the consumer reads (`outbox.records.KafkaRecord`)."""
 
     topic: str
-    partition: int  # the index of its queue in the group's consistent hash
+    partition: int  # the index of its queue among the group's
     offset: int  # a stable hash of the message: the dead letters' key
     key: bytes | None
     value: bytes | None
@@ -274,10 +280,12 @@ class RabbitMQSource:
     def _receiver(self, topic: str, index: int, generation: int) -> Any:
         def received(channel: Any, method: Any, properties: Any, body: bytes) -> None:
             headers = from_amqp(properties.content_type, properties.headers)
+            key = (properties.headers or {}).get(PARTITION_KEY_HEADER)
             self._outstanding.add(method.delivery_tag)
             self._buffer.append(RabbitMQRecord(
                 topic=topic, partition=index, offset=message_offset(properties.message_id, body, headers),
-                key=method.routing_key.encode() if method.routing_key else None, value=body,
+                key=key.encode() if isinstance(key, str) else key if isinstance(key, bytes) else None,
+                value=body,
                 headers=headers, delivery_tag=method.delivery_tag, generation=generation,
                 redelivered=bool(method.redelivered),
             ))

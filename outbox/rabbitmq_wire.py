@@ -12,7 +12,9 @@ property (an AMQP 0-9-1 header) named with the binding's `cloudEvents:`
 prefix: `cloudEvents:specversion`, `cloudEvents:id`, `cloudEvents:source`,
 `cloudEvents:type`, `cloudEvents:time` (canonical string form); your own
 headers follow as they are. The relay adds `message_id` (the event id),
-`delivery_mode` 2 (persistent) and the event key as the routing key.
+`delivery_mode` 2 (persistent), the event key as `cloudEvents:partitionkey`
+(the CloudEvents partitioning extension) and the key's routing bucket as
+the routing key (`outbox.rabbitmq_topology`).
 
 `from_amqp` maps a delivered message back to the header list the Kafka
 side uses (`ce_id`, `content-type`, ...), so `outbox.envelope.decode`, the
@@ -37,7 +39,6 @@ RABBITMQ_URL_ENV = "OUTBOX_RABBITMQ_URL"
 CE_PREFIX = "cloudEvents:"
 KAFKA_PREFIX = "ce_"
 CONTENT_TYPE = "content-type"
-ROUTING_KEY_MAX_BYTES = 255  # AMQP 0-9-1 short string
 
 # Unless the URL says otherwise. A long heartbeat because a blocking client
 # only answers heartbeats between polls, and one batch may take a while.

@@ -9,7 +9,7 @@ A source promises:
 
 - `poll` returns what the broker delivered, grouped by (topic, partition)
   with each group in delivery order; one key's messages are always in one
-  group (Kafka: one partition; RabbitMQ: one queue of the consistent hash).
+  group (Kafka: one partition; RabbitMQ: one queue, by its routing bucket).
 - `done(record)`: the record's database transaction committed; only then
   may the broker forget it (Kafka: its offset; RabbitMQ: its ack). `commit`
   sends what `done` collected; never a record that was not done.

@@ -2,7 +2,8 @@
 
 `OUTBOX_RELAY_PUBLISHER=rabbitmq` with `OUTBOX_RABBITMQ_URL`. Each event is
 published to the exchange named by its topic (see `outbox.rabbitmq_topology`
-for what sits behind it) with its key as the routing key, `message_id` =
+for what sits behind it) with its key's routing bucket as the routing key
+and the key as `cloudEvents:partitionkey`, `message_id` =
 the event id, `delivery_mode` 2, `mandatory` set, and the CloudEvents
 attributes as the AMQP binding maps them (`outbox.rabbitmq_wire`). The
 `relay.publisher` contract, and how it is kept here:
@@ -23,8 +24,7 @@ attributes as the AMQP binding maps them (`outbox.rabbitmq_wire`). The
 - Unroutable (`mandatory` and nothing bound: the broker returns it before
   confirming it), an exchange that does not exist (asked once per topic
   with a passive declare, on a channel of its own, since a publish to a
-  missing exchange closes the channel) and a key longer than the 255 bytes
-  of a routing key are the event's own failures: counted and parked at
+  missing exchange closes the channel) are the event's own failures: counted and parked at
   `OUTBOX_RELAY_MAX_ATTEMPTS`, like a missing Kafka topic.
 - Anything that leaves a message without an outcome (connection or channel
   lost, a nack, no confirm in time) is an outage: `attempted=False`, never
@@ -48,7 +48,8 @@ import pika.exceptions as pe
 from pika.adapters.select_connection import SelectConnection
 
 from outbox.config import env_float, safe_url
-from outbox.rabbitmq_wire import ROUTING_KEY_MAX_BYTES, connection_parameters, refusal, to_amqp
+from outbox.rabbitmq_topology import PARTITION_KEY_HEADER, routing_bucket
+from outbox.rabbitmq_wire import connection_parameters, refusal, to_amqp
 from relay.publisher import ACKNOWLEDGED, Delivery, Message
 from relay.sending import every_outcome, send_in_key_order
 
@@ -162,7 +163,7 @@ class _Link:
 
     def publish(self, message: Message, properties: Any) -> int:
         self.channel.basic_publish(
-            exchange=message.topic, routing_key=message.key.decode(), body=message.value,
+            exchange=message.topic, routing_key=routing_bucket(message.key), body=message.value,
             properties=properties, mandatory=True,
         )
         tag = self.next_tag
@@ -262,11 +263,8 @@ class RabbitMQPublisher:
         def send(index: int, message: Message) -> None:
             if message.topic in missing:
                 raise _Refused(missing_exchange(message.topic))
-            if len(message.key) > ROUTING_KEY_MAX_BYTES:
-                raise _Refused(Delivery(False, (
-                    f"KeyTooLong: key of {len(message.key)} bytes is over the {ROUTING_KEY_MAX_BYTES} "
-                    "bytes of an AMQP routing key"), retriable=False))
             content_type, headers = to_amqp(message.headers)
+            headers[PARTITION_KEY_HEADER] = message.key.decode()
             properties = pika.BasicProperties(
                 content_type=content_type, delivery_mode=2, message_id=message.event_id,
                 headers=headers,

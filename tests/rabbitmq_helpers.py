@@ -12,7 +12,7 @@ from urllib.parse import unquote, urlsplit
 import pika
 import pytest
 
-from outbox.rabbitmq_topology import Topology, declare, declare_topic
+from outbox.rabbitmq_topology import PARTITION_KEY_HEADER, Topology, declare, declare_topic
 from outbox.rabbitmq_wire import connection_parameters
 from tests import services
 
@@ -89,7 +89,7 @@ def drain_queues(url: str, topology: Topology) -> list[Delivered]:
             for _ in range(count):
                 method, properties, body = next(ch.consume(queue, auto_ack=True, inactivity_timeout=10))
                 assert method is not None, f"{queue}: fewer messages than it counted"
-                out.append(Delivered(index, method.routing_key, uuid.UUID(properties.message_id),
+                out.append(Delivered(index, properties.headers[PARTITION_KEY_HEADER], uuid.UUID(properties.message_id),
                                      properties, body))
             if count:
                 ch.cancel()

@@ -13,12 +13,21 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
 import outbox
+from outbox.errors import ConfigError
 from outbox.parked import list_parked
+from outbox.rabbitmq_topology import Topology, declare
 from outbox.schema import outbox_event
 from relay import RelayConfig
 from tests import services
 from tests.kafka_helpers import relay_thread, run_relay_until_exit, start_relay_process, stop_process, wait_until
-from tests.rabbitmq_helpers import Topologies, close_all_connections, drain_queues, first_by_key, rabbit_relay_env
+from tests.rabbitmq_helpers import (
+    Topologies,
+    channel,
+    close_all_connections,
+    drain_queues,
+    first_by_key,
+    rabbit_relay_env,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -203,3 +212,14 @@ def test_a_wrong_rabbitmq_password_is_one_line_without_the_secret(
         f"{wrong.split('@', 1)[1].replace('%2F', '/')} refused the login (ACCESS_REFUSED); "
         "check the user and password in OUTBOX_RABBITMQ_URL"
     ]
+
+
+def test_declare_is_idempotent_and_refuses_another_queue_count_for_a_group(
+    rabbitmq_url: str, topologies: Topologies
+) -> None:
+    topology = topologies.make(queues=3)
+    with channel(rabbitmq_url) as ch:
+        declare(ch, topology)  # again: nothing changes
+        for other in (2, 4):
+            with pytest.raises(ConfigError, match="exists with another number of queues than"):
+                declare(ch, Topology(topic=topology.topic, group=topology.group, queues=other))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from outbox.errors import ConfigError
-from outbox.rabbitmq_topology import Topology
+from outbox.rabbitmq_topology import ROUTING_BUCKETS, Topology, routing_bucket
 from outbox.rabbitmq_wire import from_amqp, rabbitmq_url, to_amqp
 from relay.config import RelayConfig
 
@@ -68,3 +68,12 @@ def test_the_topology_names_one_groups_queues_behind_the_topics_exchange() -> No
     }
     with pytest.raises(ConfigError, match="queues: 0 is out of range"):
         Topology(topic="payments", group="ledger", queues=0)
+    with pytest.raises(ConfigError, match=r"queues: 65 is out of range 1\.\.64"):
+        Topology(topic="payments", group="ledger", queues=65)
+
+
+def test_a_key_has_one_routing_bucket_forever_and_keys_spread_over_all_of_them() -> None:
+    """crc32, not Python's hash(): the same in every process and after every restart."""
+    assert routing_bucket(b"pay-1") == routing_bucket(b"pay-1") == "62"
+    assert {routing_bucket(f"pay-{i}".encode()) for i in range(2000)} == {
+        str(b) for b in range(ROUTING_BUCKETS)}
