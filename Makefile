@@ -51,9 +51,10 @@ faults: venv services
 	export OUTBOX_TEST_KAFKA_BOOTSTRAP_SERVERS="$${OUTBOX_TEST_KAFKA_BOOTSTRAP_SERVERS:-$$OUTBOX_KAFKA_BOOTSTRAP_SERVERS}"; \
 	OUTBOX_FAULTS_SECONDS="$${OUTBOX_FAULTS_SECONDS:-600}" $(VENV)/bin/pytest -q -m faults $(PYTEST_ARGS)
 
-## demo: the payments example against the devstack services
+## demo: the payments example against the devstack services (TRANSPORT=rabbitmq: over RabbitMQ)
+TRANSPORT ?= kafka
 demo: venv services
-	@eval "$$($(DEVSTACK) env)"; $(PY) -m examples.payments.demo
+	@eval "$$($(DEVSTACK) env)"; $(PY) -m examples.payments.demo --transport $(TRANSPORT)
 
 # --- benchmarks (bench/README.md) -------------------------------------------------
 # The benchmark truncates the kit's tables, so it runs against a database of its
