@@ -78,6 +78,9 @@ log = logging.getLogger("outbox.consumer")  # the consumer's log lines, under it
 # Well inside the connection heartbeat (outbox.rabbitmq_wire: 300 s unless the
 # URL says otherwise): a blocking client answers heartbeats only between polls.
 TIME_BUDGET = 120.0
+# Reconnect waits grow to this: a broker that is back should not wait for the
+# consumer long (the relay's own default is 10 s; a poll lasts about 1 s).
+RECONNECT_BACKOFF_MAX = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,7 +128,7 @@ class RabbitMQ:
         topologies = [Topology(topic=t, group=group, queues=self.queues,
                                delivery_limit=self.delivery_limit) for t in topics]
         return RabbitMQSource(self.url, topologies, prefetch=self.prefetch or config.poll_batch_size,
-                              declare=self.declare, backoff_max=config.db_backoff_max)
+                              declare=self.declare)
 
 
 class RabbitMQSource:
@@ -134,7 +137,7 @@ class RabbitMQSource:
     time_budget = TIME_BUDGET
 
     def __init__(self, url: str, topologies: Sequence[Topology], *, prefetch: int, declare: bool,
-                 backoff_max: float = 30.0) -> None:
+                 backoff_max: float = RECONNECT_BACKOFF_MAX) -> None:
         self._url = url
         self._topologies = list(topologies)
         self._prefetch = prefetch

@@ -29,7 +29,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from outbox.cli import Parser, apply_shared_defaults, shared_options
 
     parser = Parser(
-        prog="outbox relay", description="Publish committed outbox events to Kafka.",
+        prog="outbox relay", description="Publish committed outbox events to Kafka (or RabbitMQ).",
         parents=[shared_options()],
     )
     add_arguments(parser)

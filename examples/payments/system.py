@@ -156,7 +156,7 @@ class PaymentsSystem:
             connection.close()
 
     def _wait_ready_rabbitmq(self, timeout: float) -> None:
-        """Until every shard is leased and every queue of the ledger group has its consumers."""
+        """Until every shard is leased and every queue of the ledger group has its active consumer."""
         import pika
 
         from outbox.rabbitmq_topology import Topology
@@ -175,7 +175,8 @@ class PaymentsSystem:
                         "SELECT count(*) FROM outbox_relay_lease WHERE expires_at > now()"
                     )).scalar_one()
                 consumers = [channel.queue_declare(q, passive=True).method.consumer_count for q in queues]
-                if leased == SHARDS and min(consumers) >= len(self.ledgers):
+                # A queue counts its active consumer only (the others wait, unseen here).
+                if leased == SHARDS and min(consumers) >= 1:
                     return
                 time.sleep(0.3)
         finally:

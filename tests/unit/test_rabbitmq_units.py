@@ -77,3 +77,19 @@ def test_a_key_has_one_routing_bucket_forever_and_keys_spread_over_all_of_them()
     assert routing_bucket(b"pay-1") == routing_bucket(b"pay-1") == "62"
     assert {routing_bucket(f"pay-{i}".encode()) for i in range(2000)} == {
         str(b) for b in range(ROUTING_BUCKETS)}
+
+
+def test_the_kafka_paths_never_import_pika() -> None:
+    """pika is the optional `rabbitmq` extra: a Kafka-only install must never need it."""
+    import subprocess
+    import sys
+
+    from harness.devstack import REPO
+
+    code = ("import sys, outbox, outbox.consumer, outbox.cli, relay.config, relay.relay, relay.kafka\n"
+            "relay.config.RelayConfig(database_url='postgresql://x/y', bootstrap_servers='k:1')\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'pika'))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
