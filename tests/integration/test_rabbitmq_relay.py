@@ -26,6 +26,7 @@ from tests.rabbitmq_helpers import (
     close_all_connections,
     drain_queues,
     first_by_key,
+    queued,
     rabbit_relay_env,
 )
 
@@ -172,7 +173,7 @@ def test_rabbitmq_outage_under_load_loses_nothing_and_keeps_key_order(
     thread = threading.Thread(target=writer)
     thread.start()
     try:
-        time.sleep(2)
+        wait_until(lambda: queued(rabbitmq_url, topology) > 100, timeout=60, what="the relay at work")
         if fault == "broker restarted":
             services.restart_rabbitmq()  # SIGKILL the node, start it again, wait until it booted
         else:
