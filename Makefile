@@ -1,5 +1,5 @@
 # outbox kit: developer entry points. `make test` is the one command that runs the tests:
-# it makes the virtualenv, starts the local PostgreSQL and Kafka (devstack/devstack,
+# it makes the virtualenv, starts the local PostgreSQL, Kafka and RabbitMQ (devstack/devstack,
 # no Docker needed) and runs pytest against them.
 SHELL := /bin/bash
 .DEFAULT_GOAL := test
@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml
 	@$(PY) -m pip install --disable-pip-version-check -q -e '.[dev]'
 	@touch $@
 
-## services: local PostgreSQL and Kafka (addresses: devstack/devstack env), idempotent
+## services: local PostgreSQL, Kafka and RabbitMQ (addresses: devstack/devstack env), idempotent
 services:
 	@$(DEVSTACK) up
 
@@ -37,6 +37,7 @@ test: venv services
 	@eval "$$($(DEVSTACK) env)"; \
 	export OUTBOX_TEST_DATABASE_URL="$${OUTBOX_TEST_DATABASE_URL:-$$OUTBOX_DATABASE_URL}"; \
 	export OUTBOX_TEST_KAFKA_BOOTSTRAP_SERVERS="$${OUTBOX_TEST_KAFKA_BOOTSTRAP_SERVERS:-$$OUTBOX_KAFKA_BOOTSTRAP_SERVERS}"; \
+	export OUTBOX_TEST_RABBITMQ_URL="$${OUTBOX_TEST_RABBITMQ_URL:-$$OUTBOX_RABBITMQ_URL}"; \
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
 
 ## unit: the unit tests alone (tests/unit): no service needed, a few seconds
@@ -50,9 +51,10 @@ faults: venv services
 	export OUTBOX_TEST_KAFKA_BOOTSTRAP_SERVERS="$${OUTBOX_TEST_KAFKA_BOOTSTRAP_SERVERS:-$$OUTBOX_KAFKA_BOOTSTRAP_SERVERS}"; \
 	OUTBOX_FAULTS_SECONDS="$${OUTBOX_FAULTS_SECONDS:-600}" $(VENV)/bin/pytest -q -m faults $(PYTEST_ARGS)
 
-## demo: the payments example against the devstack services
+## demo: the payments example against the devstack services (TRANSPORT=rabbitmq: over RabbitMQ)
+TRANSPORT ?= kafka
 demo: venv services
-	@eval "$$($(DEVSTACK) env)"; $(PY) -m examples.payments.demo
+	@eval "$$($(DEVSTACK) env)"; $(PY) -m examples.payments.demo --transport $(TRANSPORT)
 
 # --- benchmarks (bench/README.md) -------------------------------------------------
 # The benchmark truncates the kit's tables, so it runs against a database of its

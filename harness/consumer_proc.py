@@ -2,11 +2,13 @@
 or via OUTBOX_FAILPOINT) and start it again: `python -m harness.consumer_proc`.
 
     python -m harness.consumer_proc --group G --topic T [--expect N] [--handler pkg.mod:function]
+                                    [--transport kafka|rabbitmq [--queues N]]
 
 The one consumer process of the tests and the benchmark (the tests' own
 entry point, `python -m tests.consumer_proc`, is this module). Addresses come
 from `--database-url`/`--bootstrap-servers`, else OUTBOX_DATABASE_URL and
-OUTBOX_KAFKA_BOOTSTRAP_SERVERS. The default handler, `record_effect`, inserts
+OUTBOX_KAFKA_BOOTSTRAP_SERVERS (`--transport rabbitmq`: OUTBOX_RABBITMQ_URL,
+the group's queues declared by the consumer). The default handler, `record_effect`, inserts
 one row per application into `test_consumer_effect` (no unique key, so a
 double application shows as two rows).
 
@@ -65,6 +67,8 @@ def parser() -> argparse.ArgumentParser:
                         default=ConsumerConfig().transaction_batch_size)
     parser.add_argument("--application-name", default="outbox-consumer-proc",
                         help="the database connections' application_name")
+    parser.add_argument("--transport", choices=("kafka", "rabbitmq"), default="kafka")
+    parser.add_argument("--queues", type=int, help="rabbitmq: the group's queues (default 4)")
     parser.add_argument("--log-level", default="INFO")
     return parser
 
@@ -74,20 +78,27 @@ def main(argv: list[str] | None = None) -> int:
     level = logging.getLevelName(args.log_level.upper())
     logging.basicConfig(level=level, stream=sys.stderr, format="%(levelname)s %(name)s %(message)s")
     logging.getLogger("kafka").setLevel(max(level, logging.WARNING))
+    logging.getLogger("pika").setLevel(max(level, logging.WARNING))
 
     engine = create_engine(args.database_url or database_url(), pool_size=2,
                            connect_args={"application_name": args.application_name})
     if args.expect is not None:
         with engine.begin() as conn:
             conn.execute(text(EFFECT_TABLE_DDL))
-    consumer = Consumer(
-        engine, group=args.group, topics=[args.topic], handler=import_handler(args.handler),
-        config=ConsumerConfig(poll_timeout_ms=200,
-                              transaction_batch_size=args.transaction_batch_size),
-        # Generous: a loaded 2-core CI machine can starve heartbeats for seconds.
-        bootstrap_servers=args.bootstrap_servers,
-        session_timeout_ms=10000, heartbeat_interval_ms=2000,
-    )
+    config = ConsumerConfig(poll_timeout_ms=200, transaction_batch_size=args.transaction_batch_size)
+    handler = import_handler(args.handler)
+    if args.transport == "rabbitmq":
+        from outbox.rabbitmq import RabbitMQ
+
+        consumer = Consumer(engine, group=args.group, topics=[args.topic], handler=handler,
+                            config=config, transport=RabbitMQ(queues=args.queues))
+    else:
+        consumer = Consumer(
+            engine, group=args.group, topics=[args.topic], handler=handler, config=config,
+            # Generous: a loaded 2-core CI machine can starve heartbeats for seconds.
+            bootstrap_servers=args.bootstrap_servers,
+            session_timeout_ms=10000, heartbeat_interval_ms=2000,
+        )
     try:
         if args.expect is None:
             consumer.run()

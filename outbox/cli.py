@@ -34,7 +34,7 @@ from typing import Any, NoReturn
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from outbox import migrate
+from outbox import migrate, rabbitmq_topology
 from outbox.config import database_url, safe_url
 from outbox.envelope import text_or_hex
 from outbox.errors import ConfigError, OutboxError, describe_error, mask_secrets
@@ -230,6 +230,19 @@ def build_parser() -> Parser:
         "--reason", required=True, help="why; stored with the dead letter and logged"
     )
     dead_discard.add_argument("ids", nargs="+", type=positive_int, help="dead-letter ids")
+
+    rabbit = command(commands, "rabbitmq", "RabbitMQ topology (OUTBOX_RABBITMQ_URL)")
+    rabbit_declare = command(
+        rabbit.add_subparsers(title="rabbitmq commands"), "declare",
+        "declare the topics' exchanges and a group's queues, idempotently", rabbitmq_topology.declare_command,
+    )
+    rabbit_declare.add_argument("--topic", action="append", required=True, help="repeat for more topics")
+    rabbit_declare.add_argument("--group", help="the consumer group whose queues to declare")
+    rabbit_declare.add_argument("--queues", type=positive_int, default=rabbitmq_topology.DEFAULT_QUEUES)
+    rabbit_declare.add_argument(
+        "--delivery-limit", type=positive_int, default=rabbitmq_topology.DEFAULT_DELIVERY_LIMIT,
+        help="deliveries before the broker dead-letters a message (x-delivery-limit)",
+    )
 
     inbox = command(commands, "inbox", "the consumers' record of applied event ids")
     inbox_commands = inbox.add_subparsers(title="inbox commands")

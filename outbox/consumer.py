@@ -87,7 +87,6 @@ from functools import partial
 from types import FrameType
 from typing import Any, TypeVar
 
-from kafka import KafkaConsumer
 from kafka.structs import TopicPartition
 from sqlalchemy import Engine, select
 from sqlalchemy.exc import DBAPIError
@@ -104,7 +103,6 @@ from tenacity import (
 from outbox import dead_letters
 from outbox.backoff import backoff, next_retry
 from outbox.config import bootstrap_servers as resolve_bootstrap_servers
-from outbox.config import safe_kafka_config
 from outbox.consumer_config import ConsumerConfig, ConsumerStats, kafka_consumer_settings
 from outbox.consumer_observer import ConsumerObserver
 from outbox.errors import (
@@ -125,6 +123,7 @@ from outbox.offsets import GroupOffsets
 from outbox.preflight import check_consumer_database, login_refused
 from outbox.records import KafkaRecord, decode_record, try_decode, where
 from outbox.schema import outbox_dead_letter
+from outbox.source import MessageSource, Transport
 
 __all__ = [
     "Consumer",
@@ -190,6 +189,11 @@ class Consumer:
     False and deserializers are not allowed: the consumer commits offsets
     itself and needs the raw bytes to dead-letter a message faithfully.
 
+    `transport` (default: Kafka, as above) is where messages come from
+    instead: `transport=outbox.rabbitmq.RabbitMQ()` consumes the group's
+    RabbitMQ queues with the same handler, inbox and dead letters; Kafka
+    settings are refused then (see `outbox.source`).
+
     `sleep` (default: an interruptible wait that `stop()` cuts short) is
     injectable so tests do not wait out the backoff.
 
@@ -217,6 +221,7 @@ class Consumer:
         bootstrap_servers: str | None = None,
         config: ConsumerConfig | None = None,
         sleep: Callable[[float], object] | None = None,
+        transport: Transport | None = None,
         **kafka_config: Any,
     ) -> None:
         if not group:
@@ -231,27 +236,33 @@ class Consumer:
         self.stats = ConsumerStats()
         self._engine = engine
         self._handler = handler
-        self._kafka_config = kafka_consumer_settings(
-            group, resolve_bootstrap_servers(bootstrap_servers), self.config, kafka_config
-        )
+        self._offsets: MessageSource  # where messages come from and go back to (outbox.source)
+        if transport is None:  # Kafka
+            self._kafka_config = kafka_consumer_settings(
+                group, resolve_bootstrap_servers(bootstrap_servers), self.config, kafka_config
+            )
+            self._offsets = GroupOffsets(self._kafka_config, group=group, topics=self.topics)
+        elif bootstrap_servers or kafka_config:
+            raise ConfigError("transport", "Kafka settings do not apply to another transport")
+        else:
+            self._kafka_config = {}  # no Kafka: the observer probes the database only
+            self._offsets = transport.open(group=group, topics=self.topics, config=self.config)
         self.observer = ConsumerObserver(group, self._kafka_config, engine)  # metrics and health
+        self._polled = False  # polled once: in the group, or waiting for partitions (readiness)
         self._handler = self.observer.timed(handler)
-        # A batch must be finished (or given back) well inside max.poll.interval.ms,
-        # or the group evicts this member while it works and a commit fails.
-        self._budget = float(self._kafka_config.get(
-            "max_poll_interval_ms", KafkaConsumer.DEFAULT_CONFIG["max_poll_interval_ms"]
-        )) / 2000
+        # A batch must be finished (or given back) well inside this, e.g. half of
+        # max.poll.interval.ms, or the group evicts this member while it works.
+        self._budget = self._offsets.time_budget
         worst_retry = (self.config.max_attempts - 1) * self.config.retry_backoff_max
         if worst_retry >= self._budget:
             raise ConfigError(
                 "retry_backoff_max",
                 f"(max_attempts - 1) x retry_backoff_max = {worst_retry}s must stay under half "
-                f"of max_poll_interval_ms ({self._budget}s)",
+                f"of max_poll_interval_ms on Kafka ({self._budget}s; the transport's time budget)",
             )
         self._sleep = sleep if sleep is not None else self._stopping_wait
         self._stopping = threading.Event()
         self._closed = False
-        self._offsets = GroupOffsets(self._kafka_config, group=group, topics=self.topics)
         self._deadline = 0.0
         self._database_checked = False  # the start checks passed (see outbox.preflight)
         self._outage_started: float | None = None  # monotonic time of the outage's first wait
@@ -265,8 +276,8 @@ class Consumer:
         previous handler is restored on return.
         """
         log.info(
-            "consumer starting: group=%s topics=%s kafka=%s",
-            self.group, ",".join(self.topics), safe_kafka_config(self._kafka_config),
+            "consumer starting: group=%s topics=%s %s",
+            self.group, ",".join(self.topics), self._offsets.describe(),
         )
         try:
             with self._sigterm_stops():
@@ -318,12 +329,14 @@ class Consumer:
         """
         if self._closed:
             raise OutboxError("consumer is closed")
-        self.observer.polling(self._offsets.client)
+        # Kafka's client also gives the lag per partition; other sources have none.
+        self.observer.polling(getattr(self._offsets, "client", None), polled=self._polled)
         if not self._database_checked:
             self._deadline = time.monotonic() + self._budget
             if not self._check_database():
                 return 0  # the database does not answer yet: nothing read, nothing joined
         batch = self._offsets.poll(timeout_ms, self.config.poll_batch_size)
+        self._polled = True
         self._deadline = time.monotonic() + self._budget
         progress = {tp: records[0].offset for tp, records in batch.items() if records}
         records = [record for records in batch.values() for record in records]

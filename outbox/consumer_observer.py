@@ -76,17 +76,18 @@ class ConsumerObserver:
         self.health.beat()
         metrics.CONSUMER_HEARTBEAT.labels(self.group).set(time.time())
 
-    def polling(self, client: Any) -> None:
-        """The loop is about to poll; `client` is its KafkaConsumer (None before the first poll)."""
+    def polling(self, client: Any, *, polled: bool) -> None:
+        """The loop is about to poll; `polled`: it has polled before (in the group, or
+        waiting for partitions); `client`: Kafka's KafkaConsumer, for the lag, or None."""
         self.beat()
-        if client is None:
+        if not polled:
             return
-        if not self._polled:  # polled once: in the group, or waiting for partitions
+        if not self._polled:
             self._polled = True
             self.health.problem("start", None)
             self._update_ready()
         now = time.monotonic()
-        if now - self._lag_read_at >= LAG_INTERVAL:
+        if client is not None and now - self._lag_read_at >= LAG_INTERVAL:
             self._lag_read_at = now
             self._read_lag(client)
 
@@ -140,7 +141,8 @@ class ConsumerObserver:
     def serve(self, *, port: int, host: str = DEFAULT_HOST) -> Endpoints:
         if self._endpoints is not None:
             return self._endpoints
-        self._broker = BrokerProbe(self._kafka_settings)
+        if self._kafka_settings:  # Kafka; another transport's source waits out its own outages
+            self._broker = BrokerProbe(self._kafka_settings)
         self._ticker = Ticker(f"consumer-probes-{self.group}", PROBE_INTERVAL, self.probe).start()
         self._endpoints = serve(self.health, port=port, host=host, on_close=self._stop_probes)
         return self._endpoints

@@ -21,6 +21,7 @@ from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
+from outbox.config import safe_kafka_config
 from outbox.errors import describe_error
 from outbox.records import KafkaRecord
 
@@ -30,7 +31,8 @@ Batch = Mapping[TopicPartition, Sequence[KafkaRecord]]
 
 
 class GroupOffsets:
-    """One consumer's membership in its group and its offsets still to commit.
+    """One consumer's membership in its group and its offsets still to commit:
+    the Kafka `outbox.source.MessageSource`.
 
     Not thread-safe, like the consumer that owns it; the client is made (and
     the topics subscribed) on the first `poll`.
@@ -42,6 +44,17 @@ class GroupOffsets:
         self.client: Any = None  # KafkaConsumer, untyped
         self.pending: dict[TopicPartition, int] = {}  # next offset to commit, per partition
         self._settings = dict(settings)
+
+    @property
+    def time_budget(self) -> float:
+        """Half of max.poll.interval.ms, in seconds: a batch must be finished (or given
+        back) well inside it, or the group evicts this member while it works."""
+        interval = self._settings.get(
+            "max_poll_interval_ms", KafkaConsumer.DEFAULT_CONFIG["max_poll_interval_ms"])
+        return float(interval) / 2000
+
+    def describe(self) -> str:
+        return f"kafka={safe_kafka_config(self._settings)}"
 
     def poll(self, timeout_ms: int, max_records: int) -> dict[TopicPartition, list[KafkaRecord]]:
         self.commit()  # a commit that failed last time, before a poll can rebalance

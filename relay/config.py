@@ -20,7 +20,10 @@ from outbox.config import (
     settings_from_env,
 )
 from outbox.errors import ConfigError
+from outbox.rabbitmq_wire import RABBITMQ_URL_ENV, rabbitmq_url
 from relay.publishers import PUBLISHERS
+
+RABBITMQ = "rabbitmq"  # the publisher that needs OUTBOX_RABBITMQ_URL instead of Kafka's servers
 
 
 def default_relay_id() -> str:
@@ -39,7 +42,9 @@ class RelayConfig:
     # Read by their own functions (checked, normalised, the password registered
     # as a secret), not by the generic reader: see from_env.
     database_url: str = field(metadata={"env": DATABASE_URL_ENV})  # OUTBOX_DATABASE_URL
-    bootstrap_servers: str = field(metadata={"env": BOOTSTRAP_SERVERS_ENV})  # OUTBOX_KAFKA_BOOTSTRAP_SERVERS
+    bootstrap_servers: str = field(  # OUTBOX_KAFKA_BOOTSTRAP_SERVERS; not needed by the rabbitmq publisher
+        default="", metadata={"env": BOOTSTRAP_SERVERS_ENV}
+    )
     source: str = "outbox-relay"  # OUTBOX_RELAY_SOURCE: the CloudEvents `source` attribute
     batch_size: int = 500  # OUTBOX_RELAY_BATCH_SIZE: events per fetch/publish/delete round, 1..10000
     poll_interval: float = 1.0  # OUTBOX_RELAY_POLL_INTERVAL: seconds between polls when no NOTIFY arrives
@@ -52,10 +57,13 @@ class RelayConfig:
     relay_id: str = field(  # OUTBOX_RELAY_ID: unique per process
         default_factory=default_relay_id, metadata={"env": "OUTBOX_RELAY_ID"}
     )
-    publisher: str = "kafka-python"  # OUTBOX_RELAY_PUBLISHER: kafka-python | confluent (needs the extra)
     metrics_port: int = 0  # OUTBOX_RELAY_METRICS_PORT: serve /metrics, /livez, /readyz here; 0 = off
     metrics_host: str = "127.0.0.1"  # OUTBOX_RELAY_METRICS_HOST: address those endpoints bind
     liveness_timeout: float = 60.0  # OUTBOX_RELAY_LIVENESS_TIMEOUT: /livez fails after this long without progress
+    publisher: str = "kafka-python"  # OUTBOX_RELAY_PUBLISHER: kafka-python | confluent | rabbitmq (extras)
+    rabbitmq_url: str | None = field(  # OUTBOX_RABBITMQ_URL: amqp(s)://..., for the rabbitmq publisher
+        default=None, metadata={"env": None}
+    )
     kafka: Mapping[str, Any] = field(  # OUTBOX_KAFKA_*: producer pass-through
         default_factory=dict, metadata={"env": None}
     )
@@ -87,6 +95,13 @@ class RelayConfig:
             raise ConfigError("metrics_port", f"{self.metrics_port} is out of range 0..65535 (0 = off)")
         if not 1 <= self.liveness_timeout <= 3600:
             raise ConfigError("liveness_timeout", f"{self.liveness_timeout} is out of range 1..3600 s")
+        if self.publisher == RABBITMQ:
+            if not self.rabbitmq_url:
+                raise ConfigError(RABBITMQ_URL_ENV, "not set; the rabbitmq publisher needs amqp://...")
+        elif not self.bootstrap_servers:
+            raise ConfigError(
+                BOOTSTRAP_SERVERS_ENV, "not set; pass host:port[,host:port...] of your Kafka brokers"
+            )
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> RelayConfig:
@@ -97,7 +112,11 @@ class RelayConfig:
         if unknown:  # the generic reader would skip a misspelt keyword in silence
             raise TypeError(f"RelayConfig.from_env() got unknown settings: {', '.join(sorted(unknown))}")
         url = database_url(overrides.get("database_url"), env)
-        servers = bootstrap_servers(overrides.get("bootstrap_servers"), env)
+        rabbit = (overrides.get("publisher") or env.get("OUTBOX_RELAY_PUBLISHER")) == RABBITMQ
+        if rabbit:  # Kafka's address is optional then, RabbitMQ's required
+            overrides["rabbitmq_url"] = rabbitmq_url(overrides.get("rabbitmq_url"), env)
+        servers = (overrides.get("bootstrap_servers") or env.get(BOOTSTRAP_SERVERS_ENV, "") if rabbit
+                   else bootstrap_servers(overrides.get("bootstrap_servers"), env))
         kafka = kafka_client_config(env)  # read (and refused if wrong) even when `kafka` is given
         return settings_from_env(cls, "OUTBOX_RELAY_", env, **{
             **overrides, "database_url": url, "bootstrap_servers": servers,
@@ -106,8 +125,10 @@ class RelayConfig:
 
     def describe(self) -> str:
         """One log line, secrets masked."""
+        broker = (f"rabbitmq={safe_url(self.rabbitmq_url)}" if self.publisher == RABBITMQ and self.rabbitmq_url
+                  else f"kafka={self.bootstrap_servers}")
         return (
-            f"database={safe_url(self.database_url)} kafka={self.bootstrap_servers} "
+            f"database={safe_url(self.database_url)} {broker} "
             f"batch_size={self.batch_size} poll_interval={self.poll_interval}s "
             f"listen={self.listen} linger_ms={self.linger_ms} max_attempts={self.max_attempts} "
             f"lease_ttl={self.lease_ttl}s relay_id={self.relay_id} publisher={self.publisher} "

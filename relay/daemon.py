@@ -31,7 +31,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from outbox.cli import Parser, apply_shared_defaults, shared_options
 
     parser = Parser(
-        prog="outbox relay", description="Publish committed outbox events to Kafka.",
+        prog="outbox relay", description="Publish committed outbox events to Kafka (or RabbitMQ).",
         parents=[shared_options()],
     )
     add_arguments(parser)
@@ -51,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
     # kafka-python logs every reconnect attempt at WARNING/ERROR; our own log
     # lines say what matters during an outage.
     logging.getLogger("kafka").setLevel(logging.CRITICAL)
+    logging.getLogger("pika").setLevel(logging.CRITICAL)  # the same for RabbitMQ's client
     # Muted is not enough if a user turns it back on: the wire-level lines
     # (SASL bytes, records) stay redacted whatever the level.
     protect_kafka_logs()

@@ -20,8 +20,9 @@ if TYPE_CHECKING:
 
 class Transport(NamedTuple):
     """Where a publisher class lives ("module:Class"), called as
-    `Class(bootstrap_servers, kafka_settings)`; and, for an optional one, the
-    package and the extra that install its client."""
+    `Class(bootstrap_servers, kafka_settings)`, or `Class.from_config(config)`
+    where it has that; and, for an optional one, the package and the extra
+    that install its client."""
 
     target: str
     package: str | None = None
@@ -33,6 +34,8 @@ class Transport(NamedTuple):
 PUBLISHERS: dict[str, Transport] = {
     "kafka-python": Transport("relay.kafka:KafkaPublisher"),
     "confluent": Transport("relay.confluent:ConfluentPublisher", "confluent-kafka", "confluent"),
+    # Not Kafka: publishes to RabbitMQ (OUTBOX_RABBITMQ_URL), made by its from_config.
+    "rabbitmq": Transport("relay.rabbitmq:RabbitMQPublisher", "pika", "rabbitmq"),
 }
 
 
@@ -50,5 +53,9 @@ def make_publisher(config: RelayConfig) -> Publisher:
             f"{config.publisher} needs the {transport.package} package: "
             f"pip install 'outbox-kit[{transport.extra}]'",
         ) from None
-    publisher: Publisher = getattr(module, class_name)(config.bootstrap_servers, config.kafka)
+    cls = getattr(module, class_name)
+    if hasattr(cls, "from_config"):  # a transport whose settings are not Kafka's
+        made: Publisher = cls.from_config(config)
+        return made
+    publisher: Publisher = cls(config.bootstrap_servers, config.kafka)
     return publisher

@@ -53,9 +53,12 @@ __all__ = [
     "is_devstack_managed",
     "kafka_bootstrap_servers",
     "kill_broker",
+    "rabbitmq_url",
+    "rabbitmqctl",
     "require_devstack",
     "restart_kafka",
     "restart_postgres",
+    "restart_rabbitmq",
     "start_broker",
     "start_kafka",
     "stop_cluster",
@@ -309,6 +312,29 @@ def start_kafka() -> None:
     """Start the Kafka broker (if it is not running) and wait until it answers."""
     require_devstack("kafka")
     devstack("kafka-up")
+
+
+def rabbitmq_url() -> str:
+    """The test RabbitMQ: ``OUTBOX_TEST_RABBITMQ_URL``, else the devstack's node
+    (``devstack/devstack rabbitmq-up``, idempotent) at the URL ``devstack env`` prints."""
+    with _lock:
+        explicit = os.environ.get("OUTBOX_TEST_RABBITMQ_URL", "").strip()
+        if explicit:
+            return explicit
+        devstack("rabbitmq-up")
+        return devstack_env()["OUTBOX_RABBITMQ_URL"]
+
+
+def restart_rabbitmq() -> None:
+    """SIGKILL the devstack's RabbitMQ node, start it again, wait until it has booted."""
+    if rabbitmq_url() != devstack_env()["OUTBOX_RABBITMQ_URL"]:
+        raise DevstackRequiredError("RabbitMQ fault tests need the devstack's node")
+    devstack("rabbitmq-restart")
+
+
+def rabbitmqctl(*args: str) -> str:
+    """The devstack node's rabbitmqctl (e.g. ``close_all_connections``)."""
+    return _devstack.run("rabbitmqctl", *args, timeout=60)
 
 
 def cluster_bootstrap_servers() -> str:

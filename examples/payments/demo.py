@@ -12,11 +12,17 @@ then checks the invariants and prints the summary. Exit code 1 if any
 invariant fails.
 
     python -m examples.payments.demo [--payments 2000] [--rate 50] [--workers 4] [--kills 2] [--seed 7]
+                                     [--transport kafka|rabbitmq]
+
+`--transport rabbitmq` (`make demo TRANSPORT=rabbitmq`) runs the same chain
+over RabbitMQ: the relay's rabbitmq publisher and the ledger's `RabbitMQ()`
+transport, at OUTBOX_RABBITMQ_URL (else the devstack's node).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import sys
 import threading
@@ -41,15 +47,20 @@ def run(
     workdir: Path,
     timeout: float = 600,
     say: object = print,
+    rabbitmq_url: str | None = None,
 ) -> tuple[Outcome, dict[str, int]]:
     """The whole chain once; returns the outcome and how often each process was SIGKILLed."""
     assert callable(say)
     system = PaymentsSystem(
         database_url=database_url, bootstrap_servers=bootstrap_servers, workdir=workdir,
         metrics=True,
+        rabbitmq_url=rabbitmq_url,
     )
     say(f"schema: outbox tables at {system.prepare()}, example tables ready")
-    say(f"kafka: topic {system.topic} (4 partitions), consumer group {system.group}")
+    if rabbitmq_url:
+        say(f"rabbitmq: exchange {system.topic}, group {system.group}: 4 quorum queues")
+    else:
+        say(f"kafka: topic {system.topic} (4 partitions), consumer group {system.group}")
     system.start()
     say(f"relay and ledger running (logs in {workdir})")
     for name, url in system.metrics_urls.items():
@@ -166,13 +177,17 @@ def main() -> int:
     parser.add_argument("--kills", type=int, default=2, help="SIGKILLs of relay/ledger during the run")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--workdir", type=Path, default=REPO / ".devstack" / "demo")
+    parser.add_argument("--transport", choices=("kafka", "rabbitmq"), default="kafka")
     args = parser.parse_args()
     found = devstack.addresses()  # OUTBOX_* variables, else `devstack/devstack env`
+    rabbitmq_url = None
+    if args.transport == "rabbitmq":
+        rabbitmq_url = os.environ.get("OUTBOX_RABBITMQ_URL") or devstack.env()["OUTBOX_RABBITMQ_URL"]
     outcome, killed = run(
         database_url=found.database_url, bootstrap_servers=found.bootstrap_servers,
         payments=args.payments, workers=args.workers, kills=args.kills, seed=args.seed,
         rate=args.rate or None,
-        workdir=args.workdir,
+        workdir=args.workdir, rabbitmq_url=rabbitmq_url,
     )
     print_summary(outcome, killed)
     return 0 if outcome.report.ok else 1

@@ -73,16 +73,25 @@ def main() -> None:
     parser.add_argument(
         "--metrics-port", type=int, help="serve /metrics, /livez and /readyz on 127.0.0.1:PORT"
     )
+    parser.add_argument("--transport", choices=("kafka", "rabbitmq"), default="kafka",
+                        help="rabbitmq: the group's queues at OUTBOX_RABBITMQ_URL")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     logging.getLogger("kafka").setLevel(logging.CRITICAL)
     engine = create_engine(os.environ["OUTBOX_DATABASE_URL"], pool_size=2)
     static = {"group_instance_id": args.instance_id} if args.instance_id else {}
-    consumer = outbox.Consumer(
-        engine, group=args.group, topics=[args.topic], handler=apply,
-        # A ledger that died for good hands its partitions over within 10 s.
-        session_timeout_ms=10_000, heartbeat_interval_ms=2_000, **static,
-    )
+    if args.transport == "rabbitmq":
+        from outbox.rabbitmq import RabbitMQ
+
+        logging.getLogger("pika").setLevel(logging.CRITICAL)
+        consumer = outbox.Consumer(engine, group=args.group, topics=[args.topic], handler=apply,
+                                   transport=RabbitMQ())  # the one line that differs from Kafka
+    else:
+        consumer = outbox.Consumer(
+            engine, group=args.group, topics=[args.topic], handler=apply,
+            # A ledger that died for good hands its partitions over within 10 s.
+            session_timeout_ms=10_000, heartbeat_interval_ms=2_000, **static,
+        )
     # The library's helper: the consumer's metrics and health over HTTP.
     endpoints = (outbox.serve_consumer_endpoints(consumer, port=args.metrics_port)
                  if args.metrics_port else None)

@@ -89,9 +89,16 @@ class PaymentsSystem:
         replication: int = 1,
         relay_env: dict[str, str] | None = None,
         metrics: bool = False,
+        rabbitmq_url: str | None = None,
     ) -> None:
         """`metrics`: each relay and ledger serves /metrics, /livez and /readyz on a free
-        127.0.0.1 port of its own (`metrics_urls`, by process name)."""
+        127.0.0.1 port of its own (`metrics_urls`, by process name).
+        `rabbitmq_url`: the same system over RabbitMQ (relay publisher and ledgers),
+        4 quorum queues for the ledger group; None: Kafka."""
+        self.rabbitmq_url = rabbitmq_url
+        if rabbitmq_url is not None:
+            relay_env = {**(relay_env or {}), "OUTBOX_RELAY_PUBLISHER": "rabbitmq",
+                         "OUTBOX_RABBITMQ_URL": rabbitmq_url}
         self.database_url = database_url
         self.bootstrap_servers = bootstrap_servers
         self.workdir = workdir
@@ -112,7 +119,8 @@ class PaymentsSystem:
             for i in range(relays)
         ]
         ledger_argv = [sys.executable, "-m", "examples.payments.ledger",
-                       "--topic", self.topic, "--group", self.group]
+                       "--topic", self.topic, "--group", self.group,
+                       *(["--transport", "rabbitmq"] if rabbitmq_url else [])]
         self.ledgers = [
             Ledger(f"ledger-{i}", [*ledger_argv, "--instance-id", f"ledger-{i}",
                                    *(["--metrics-port", str(ports[f"ledger-{i}"])] if metrics else [])],
@@ -130,6 +138,9 @@ class PaymentsSystem:
         migrate.upgrade(self.database_url)
         create_tables(self.engine)
         reset_tables(self.engine)
+        if self.rabbitmq_url is not None:
+            self._declare_rabbitmq()
+            return migrate.current(self.database_url) or "?"
         admin = KafkaAdminClient(bootstrap_servers=self.bootstrap_servers)
         try:
             admin.create_topics([NewTopic(self.topic, self.partitions, self.replication)])
@@ -142,9 +153,54 @@ class PaymentsSystem:
         for p in [*self.relays, *self.ledgers]:
             p.start()
 
+    def _declare_rabbitmq(self) -> None:
+        import pika
+
+        from outbox.rabbitmq_topology import Topology, declare
+        from outbox.rabbitmq_wire import connection_parameters
+
+        assert self.rabbitmq_url is not None
+        connection = pika.BlockingConnection(connection_parameters(self.rabbitmq_url))
+        try:
+            declare(connection.channel(), Topology(topic=self.topic, group=self.group, queues=self.partitions))
+        finally:
+            connection.close()
+
+    def _wait_ready_rabbitmq(self, timeout: float) -> None:
+        """Until every shard is leased and every queue of the ledger group has its active consumer."""
+        import pika
+
+        from outbox.rabbitmq_topology import Topology
+        from outbox.rabbitmq_wire import connection_parameters
+        from outbox.schema import SHARDS
+
+        assert self.rabbitmq_url is not None
+        queues = Topology(topic=self.topic, group=self.group, queues=self.partitions).queue_names
+        connection = pika.BlockingConnection(connection_parameters(self.rabbitmq_url))
+        deadline = time.monotonic() + timeout
+        try:
+            channel = connection.channel()
+            while time.monotonic() < deadline:
+                with self.engine.connect() as conn:
+                    leased = conn.execute(text(
+                        "SELECT count(*) FROM outbox_relay_lease WHERE expires_at > now()"
+                    )).scalar_one()
+                consumers = [channel.queue_declare(q, passive=True).method.consumer_count for q in queues]
+                # A queue counts its active consumer only (the others wait, unseen here).
+                if leased == SHARDS and min(consumers) >= 1:
+                    return
+                time.sleep(0.3)
+        finally:
+            connection.close()
+        raise TimeoutError(f"relays and ledgers not ready within {timeout}s")
+
     def wait_ready(self, *, timeout: float = 60) -> None:
         """Until every shard is leased to a live relay and every ledger has joined its group."""
         from outbox.schema import SHARDS
+
+        if self.rabbitmq_url is not None:
+            self._wait_ready_rabbitmq(timeout)
+            return
 
         admin = KafkaAdminClient(bootstrap_servers=self.bootstrap_servers)
         deadline = time.monotonic() + timeout

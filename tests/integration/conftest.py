@@ -21,6 +21,7 @@ from sqlalchemy import Engine, create_engine, text
 from outbox import migrate
 from tests import services
 from tests.consumer_proc import EFFECT_TABLE_DDL
+from tests.rabbitmq_helpers import rabbitmq_url, topologies  # noqa: F401  # the RabbitMQ tests' fixtures
 
 
 @pytest.fixture(scope="session")

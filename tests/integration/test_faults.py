@@ -33,7 +33,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 
-from examples.payments.system import PaymentsSystem
+from examples.payments.system import Outcome, PaymentsSystem
 from tests import services
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
@@ -157,10 +157,22 @@ def test_payments_system_under_injected_faults(
     )
     controller = Controller(system, rng, database_url)
     try:
+        outcome = run_under_faults(system, controller, seconds=SECONDS)
+    finally:
+        services.stop_cluster()
+    check_and_report(outcome, controller, capsys, "faults-report.md", seconds=SECONDS)
+
+
+def run_under_faults(
+    system: PaymentsSystem, controller: Controller, *, seconds: float, ready_timeout: float = 60
+) -> Outcome:
+    """Start the system, write `seconds` of payments while `controller` injects every kind
+    of fault at least once (more while the load runs), wait until all is applied."""
+    try:
         system.prepare()
         system.start()
-        system.wait_ready()
-        payments = int(SECONDS * RATE)
+        system.wait_ready(timeout=ready_timeout)
+        payments = int(seconds * RATE)
         writer = threading.Thread(
             target=system.write_payments, args=(payments,),
             kwargs={"workers": 4, "seed": SEED, "rate": RATE, "progress": False},
@@ -169,40 +181,42 @@ def test_payments_system_under_injected_faults(
         writer.start()
         time.sleep(3)
         # Every kind at least once, then more while the load runs.
-        while len(controller.faults) < len(Controller.KINDS) or (
-            writer.is_alive() and time.monotonic() - started < SECONDS - 5
+        while len(controller.faults) < len(controller.KINDS) or (
+            writer.is_alive() and time.monotonic() - started < seconds - 5
         ):
             controller.inject(controller.next_kind())
-            time.sleep(rng.uniform(1, 3))
+            time.sleep(controller.rng.uniform(1, 3))
         writer.join()
         assert system.wait_until_applied(timeout=180, progress=False), "the ledger never caught up"
         system.stop()
-        outcome = system.outcome()
+        return system.outcome()
     finally:
         system.stop()
         system.close()
-        services.stop_cluster()
 
-    report = outcome.report
-    table = _table(outcome, controller.faults)
+
+def check_and_report(
+    outcome: Outcome, controller: Controller, capsys: pytest.CaptureFixture[str], report: str, *,
+    seconds: float, brokers: str = f"{RELAYS} / {LEDGERS} / 3 (RF 3, min ISR 2)",
+) -> None:
+    """Print the table, keep it in .devstack/`report`, and fail unless every invariant holds."""
+    table = _table(outcome, controller.faults, brokers, seconds)
     with capsys.disabled():
         print("\n" + table)
-    (services.REPO / ".devstack" / "faults-report.md").write_text(table + "\n")
-    assert report.violations == dict.fromkeys(report.violations, 0), table
-    assert report.debits_minor == report.credits_minor
+    (services.REPO / ".devstack" / report).write_text(table + "\n")
+    r = outcome.report
+    assert r.violations == dict.fromkeys(r.violations, 0), table
+    assert r.debits_minor == r.credits_minor
     assert outcome.backlog == 0 and outcome.parked == 0, table
-    assert {f.kind for f in controller.faults} == set(Controller.KINDS)
+    assert {f.kind for f in controller.faults} == set(controller.KINDS)
 
 
-def _table(outcome: object, faults: list[Fault]) -> str:
-    from examples.payments.system import Outcome
-
-    assert isinstance(outcome, Outcome)
+def _table(outcome: Outcome, faults: list[Fault], brokers: str, seconds: float) -> str:
     r = outcome.report
     v = r.violations
     rows = [
-        ("seed / load seconds", f"{SEED} / {SECONDS:.0f}"),
-        ("relays / ledgers / brokers", f"{RELAYS} / {LEDGERS} / 3 (RF 3, min ISR 2)"),
+        ("seed / load seconds", f"{SEED} / {seconds:.0f}"),
+        ("relays / ledgers / brokers", brokers),
         ("committed payments", r.payments),
         ("events committed", outcome.committed_events),
         ("events published", outcome.published),

@@ -54,10 +54,11 @@ def test_confluent_publisher_refuses_unsafe_settings() -> None:
 def test_every_publisher_name_is_a_line_of_the_table_and_the_config_takes_exactly_those() -> None:
     from relay.publishers import PUBLISHERS
 
-    assert set(PUBLISHERS) == {"kafka-python", "confluent"}
+    assert set(PUBLISHERS) == {"kafka-python", "confluent", "rabbitmq"}
     for name in PUBLISHERS:
-        RelayConfig(database_url="postgresql://x/y", bootstrap_servers="k:1", publisher=name)
-    with pytest.raises(ConfigError, match="kafka-python, confluent"):
+        RelayConfig(database_url="postgresql://x/y", bootstrap_servers="k:1", publisher=name,
+                    rabbitmq_url="amqp://u@h/v")
+    with pytest.raises(ConfigError, match="kafka-python, confluent, rabbitmq"):
         RelayConfig(database_url="postgresql://x/y", bootstrap_servers="k:1", publisher="rabbit")
 
 
@@ -198,7 +199,7 @@ def test_relay_config_repr_and_describe_never_show_a_secret() -> None:
     ("OUTBOX_RELAY_POLL_INTERVAL", "inf", "OUTBOX_RELAY_POLL_INTERVAL: 'inf' is not a finite number"),
     ("OUTBOX_RELAY_LEASE_TTL", "0.1", "OUTBOX_RELAY_LEASE_TTL: 0.1 is out of range 0.3..300 s"),
     ("OUTBOX_RELAY_PUBLISHER", "rabbit",
-     "OUTBOX_RELAY_PUBLISHER: 'rabbit' is not one of kafka-python, confluent"),
+     "OUTBOX_RELAY_PUBLISHER: 'rabbit' is not one of kafka-python, confluent, rabbitmq"),
 ])
 def test_a_relay_setting_out_of_range_names_its_variable(variable: str, raw: str, message: str) -> None:
     with pytest.raises(ConfigError) as raised:
