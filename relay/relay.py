@@ -203,6 +203,11 @@ class Relay:
             failed.extend((row, d) for row, d in zip(batch.rows, deliveries, strict=True)
                           if not d.acknowledged)
         if window.broken and not window:
+            log.warning(
+                "window settled after a failure: %d event(s) failed, %d later event(s) of their "
+                "keys held back (sent again after them); replacing the producer",
+                window.failed, window.held_back,
+            )
             window.clear()
             self._publisher.close()  # rule 3: the next batch goes out from a new producer
         if failed:

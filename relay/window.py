@@ -88,6 +88,8 @@ class Window:
         self.broken = False  # a failure was seen: send nothing until the window is empty
         self._fenced = False  # a delete was fenced off: delete nothing more from this window
         self._blocked: set[tuple[str, str]] = set()  # keys with a failed or held-back event
+        self.failed = 0  # since the window broke: events that failed, and
+        self.held_back = 0  # later events of their keys (or after a fenced delete) held back
 
     def __len__(self) -> int:
         return len(self._batches)
@@ -115,6 +117,7 @@ class Window:
     def outcomes(self, batch: InFlight, deliveries: list[Delivery]) -> list[Delivery]:
         """`deliveries` of the batch at the head, with rule 2 applied (see the module docstring)."""
         if self._fenced:
+            self.held_back += len(deliveries)
             return [HELD_BACK] * len(deliveries)
         blocked = self._blocked
         if not blocked and all(d.acknowledged for d in deliveries):
@@ -125,8 +128,10 @@ class Window:
             key = (row.topic, row.key)
             if key in blocked:
                 result[index] = HELD_BACK
+                self.held_back += 1
             elif not delivery.acknowledged:
                 blocked.add(key)
+                self.failed += 1
         return result
 
     def fence(self) -> None:
@@ -139,4 +144,5 @@ class Window:
         self._batches.clear()
         self.broken = self._fenced = False
         self._blocked.clear()
+        self.failed = self.held_back = 0
         return left
