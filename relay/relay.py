@@ -56,6 +56,7 @@ from outbox.errors import ConfigError, OutboxError, describe_error, first_line
 from outbox.failpoints import failpoint
 from relay import store
 from relay.config import RelayConfig
+from relay.deleter import Deleter
 from relay.leases import ShardLeases
 from relay.publisher import Checked, Delivery, Message, Pipelined, Publisher, Sending, Settled
 from relay.publishers import make_publisher
@@ -90,6 +91,8 @@ class Relay:
         self.parked = 0
         self._failing: str | None = None  # the cause last logged, while rounds fail
         self._window = Window(config.max_in_flight)
+        # With a window, deletes run beside the sending (relay/deleter.py).
+        self._deleter = Deleter(config.database_url) if config.max_in_flight > 1 else None
         self._fetched = 0  # rows the last round fetched
 
     # -- the loop -----------------------------------------------------------
@@ -132,13 +135,15 @@ class Relay:
         """One round: send one more batch if the window has room, then settle the
         batches whose outcomes are in. Returns how many events were acknowledged."""
         window = self._window
+        self._reap()
         leases = self.leases.current()
         self._fetched = 0
         if leases and window.open():
             conn = self._connect()
-            rows = store.fetch_shards(
-                conn, sorted(leases), self.config.batch_size, excluding=window.ids()
-            )
+            excluding = window.ids()
+            if self._deleter is not None and len(self._deleter):
+                excluding = f"{excluding},{self._deleter.ids()}" if excluding else self._deleter.ids()
+            rows = store.fetch_shards(conn, sorted(leases), self.config.batch_size, excluding=excluding)
             if rows:
                 self._fetched = len(rows)
                 try:
@@ -153,10 +158,12 @@ class Relay:
         return self._settle(block=window.full() or self._fetched < self.config.batch_size)
 
     def drain(self) -> int:
-        """Settle every batch in flight (waiting for each); returns how many were acknowledged."""
+        """Settle every batch in flight (waiting for each, and for their deletes);
+        returns how many were acknowledged."""
         settled = 0
         while self._window:
             settled += self._settle(block=True)
+        self._reap(wait=True)
         return settled
 
     def _send(self, rows: Sequence[store.Row]) -> Sending:
@@ -189,16 +196,13 @@ class Relay:
             acked = [row.id for row, d in zip(batch.rows, deliveries, strict=True) if d.acknowledged]
             if acked:
                 failpoint("relay-after-ack")
-            deleted = store.delete_published_fenced(conn, self.config.relay_id, acked, batch.leases)
-            if deleted < len(acked):
-                # Leases lapsed while the batch was in flight: the new owners
-                # publish these again (same ids) and delete them.
-                log.warning(
-                    "lost shard leases during a round: %d acknowledged events left to their new owner",
-                    len(acked) - deleted,
-                )
-                window.fence()
-            self.published += deleted
+                if self._deleter is not None:
+                    self._deleter.submit(self.config.relay_id, acked, batch.leases)
+                else:
+                    self._count_deleted(
+                        store.delete_published_fenced(conn, self.config.relay_id, acked, batch.leases),
+                        len(acked),
+                    )
             acknowledged += len(acked)
             failed.extend((row, d) for row, d in zip(batch.rows, deliveries, strict=True)
                           if not d.acknowledged)
@@ -214,11 +218,29 @@ class Relay:
             self._settle_failures(conn, failed, broker_healthy=bool(acknowledged))
         return acknowledged
 
+    def _count_deleted(self, deleted: int, acknowledged: int) -> None:
+        if deleted < acknowledged:
+            # Leases lapsed while the batch was in flight: the new owners
+            # publish these again (same ids) and delete them.
+            log.warning(
+                "lost shard leases during a round: %d acknowledged events left to their new owner",
+                acknowledged - deleted,
+            )
+            self._window.fence()
+        self.published += deleted
+
+    def _reap(self, *, wait: bool = False) -> None:
+        if self._deleter is not None:
+            for deleted, acknowledged in self._deleter.reap(wait=wait):
+                self._count_deleted(deleted, acknowledged)
+
     def _abandon_window(self) -> None:
         """After an error in the middle of a round (the database gone): wait out
         what is in flight without deleting it (its rows go out again, same ids,
         from a new producer), so that the old producer has settled, or been
         dropped at its deadline, before the new one sends anything."""
+        if self._deleter is not None:
+            self._deleter.forget()
         if self._window:
             for batch in self._window.clear():
                 batch.sending.wait()
@@ -230,6 +252,8 @@ class Relay:
 
     def close(self) -> None:
         self._abandon_window()
+        if self._deleter is not None:
+            self._deleter.close()
         self.leases.stop()
         self._publisher.close()
         conn, self._conn = self._conn, None
