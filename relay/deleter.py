@@ -49,11 +49,12 @@ class Deleter:
         """Ids whose delete is queued or running, comma-separated."""
         return ",".join([p.ids for p in self._pending])
 
-    def reap(self, *, wait: bool = False) -> list[tuple[int, int]]:
+    def reap(self, *, wait: bool = False, oldest: bool = False) -> list[tuple[int, int]]:
         """(deleted, acknowledged) of the deletes that are done, oldest first; all
-        of them if `wait`. Raises the database error of a failed one."""
+        of them if `wait`, at least the oldest if `oldest`. Raises the database
+        error of a failed one."""
         done: list[tuple[int, int]] = []
-        while self._pending and (wait or self._pending[0].future.done()):
+        while self._pending and (wait or (oldest and not done) or self._pending[0].future.done()):
             pending = self._pending.popleft()
             done.append((pending.future.result(), pending.acknowledged))
         return done

@@ -136,12 +136,16 @@ class Relay:
         batches whose outcomes are in. Returns how many events were acknowledged."""
         window = self._window
         self._reap()
+        deleting = self._deleting()
+        if deleting and window.full(deleting):
+            self._reap(oldest=True)  # deletes count in the window: a crash would send them again
+            deleting = self._deleting()
         leases = self.leases.current()
         self._fetched = 0
-        if leases and window.open():
+        if leases and window.open(deleting):
             conn = self._connect()
             excluding = window.ids()
-            if self._deleter is not None and len(self._deleter):
+            if deleting and self._deleter is not None:
                 excluding = f"{excluding},{self._deleter.ids()}" if excluding else self._deleter.ids()
             rows = store.fetch_shards(conn, sorted(leases), self.config.batch_size, excluding=excluding)
             if rows:
@@ -155,7 +159,7 @@ class Relay:
         if not window:
             return 0
         # Wait for the oldest batch only when there is nothing better to do.
-        return self._settle(block=window.full() or self._fetched < self.config.batch_size)
+        return self._settle(block=window.full(self._deleting()) or self._fetched < self.config.batch_size)
 
     def drain(self) -> int:
         """Settle every batch in flight (waiting for each, and for their deletes);
@@ -229,9 +233,12 @@ class Relay:
             self._window.fence()
         self.published += deleted
 
-    def _reap(self, *, wait: bool = False) -> None:
+    def _deleting(self) -> int:
+        return len(self._deleter) if self._deleter is not None else 0
+
+    def _reap(self, *, wait: bool = False, oldest: bool = False) -> None:
         if self._deleter is not None:
-            for deleted, acknowledged in self._deleter.reap(wait=wait):
+            for deleted, acknowledged in self._deleter.reap(wait=wait, oldest=oldest):
                 self._count_deleted(deleted, acknowledged)
 
     def _abandon_window(self) -> None:

@@ -50,8 +50,10 @@ it and skipping ids already seen (the inbox does) gives every event once in
 commit order. An event parked for a failure of its own (too large, topic
 gone) is the documented exception: it is out of the order until replayed.
 
-A crash republishes at most the window (the rows in flight are still in the
-table; rows are deleted only after acknowledgement), with the same ids.
+A crash republishes at most the window, with the same ids: rows are deleted
+only after acknowledgement, and batches whose delete is still queued
+(relay/deleter.py) count against `OUTBOX_RELAY_MAX_IN_FLIGHT` with those in
+flight.
 """
 
 from __future__ import annotations
@@ -94,12 +96,13 @@ class Window:
     def __len__(self) -> int:
         return len(self._batches)
 
-    def open(self) -> bool:
-        """Whether another batch may be sent now."""
-        return not self.broken and len(self._batches) < self.limit
+    def open(self, deleting: int = 0) -> bool:
+        """Whether another batch may be sent now, with `deleting` settled batches
+        whose delete is not done yet (they count: a crash would send them again)."""
+        return not self.broken and len(self._batches) + deleting < self.limit
 
-    def full(self) -> bool:
-        return len(self._batches) >= self.limit
+    def full(self, deleting: int = 0) -> bool:
+        return len(self._batches) + deleting >= self.limit
 
     def push(self, batch: InFlight) -> None:
         self._batches.append(batch)
