@@ -61,7 +61,7 @@ def _throughput(plt: Any, run: dict[str, Any], title: str) -> Any:
     axes.axvline(1.0, color="#888888", linestyle="--", linewidth=1)
     axes.set_yticks(positions, labels, fontsize=8)
     axes.invert_yaxis()
-    axes.set_xlim(0, 1.45)
+    axes.set_xlim(0, max(1.45, max(r["ratio"] for r in rows) + 0.45))
     axes.set_xlabel("share of the limit measured in the same run (1.0 = the limit; black tick = target; "
                     "orange = target missed)", fontsize=8)
     axes.set_title(f"Throughput against its limit: {title}", fontsize=10)
@@ -74,13 +74,13 @@ def _latency(plt: Any, run: dict[str, Any], title: str) -> Any:
     if not cases:
         return None
     figure, axes = plt.subplots(figsize=(9, 4.5))
-    for case in cases:
+    for number, case in enumerate(cases):
         label = f"{case['offered_per_s']:,} ev/s offered, {case['mode']}"
         for key, style in (("commit_to_effect", "-"), ("commit_to_kafka", "--")):
             points = case["distribution_ms"].get(key)
             if points:
                 quantiles = [float(q) for q in points]
-                axes.plot([points[q] for q in points], quantiles, style,
+                axes.plot([points[q] for q in points], quantiles, style, color=f"C{number}",
                           label=f"{label}: {key.replace('_', ' ')}")
     axes.set_xscale("log")
     axes.set_xlabel("milliseconds after COMMIT returned (log scale)")
