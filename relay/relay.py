@@ -247,7 +247,10 @@ class Relay:
         from a new producer), so that the old producer has settled, or been
         dropped at its deadline, before the new one sends anything."""
         if self._deleter is not None:
-            self._deleter.forget()
+            try:
+                self._reap(wait=True)  # what was deleted is counted (and a lost lease logged)
+            except Exception:  # the database is gone: the error that counts is being raised
+                self._deleter.forget()
         if self._window:
             for batch in self._window.clear():
                 batch.sending.wait()

@@ -138,8 +138,10 @@ class Window:
         return result
 
     def fence(self) -> None:
-        """A delete found leases lost: nothing after it is deleted by this relay."""
-        self.broken = self._fenced = True
+        """A delete found leases lost: nothing still in the window is deleted by
+        this relay (with nothing in it, there is nothing to hold back)."""
+        if self._batches:
+            self.broken = self._fenced = True
 
     def clear(self) -> list[InFlight]:
         """Start afresh (rule 3); returns the batches that were still in flight."""

@@ -46,6 +46,12 @@ def test_a_fenced_delete_holds_back_everything_after_it() -> None:
     assert [d.acknowledged for d in window.outcomes(window.pop(), batch.sending.wait())] == [False, False]
 
 
+def test_a_fenced_delete_with_nothing_left_in_flight_leaves_the_window_open() -> None:
+    window = Window(2)
+    window.fence()  # a late delete came back short after the window had emptied
+    assert window.open() and not window.broken
+
+
 def test_the_next_fetch_leaves_out_every_id_in_flight() -> None:
     window = Window(3)
     batches = [_batch("ab", [ACKNOWLEDGED] * 2), _batch("c", [ACKNOWLEDGED])]
