@@ -23,6 +23,7 @@ from typing import Any
 
 from bench import (
     backlog_scale,
+    charts,
     consumer_throughput,
     latency,
     profiling,
@@ -96,6 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         stems = [sizes.mode, "latest"] if set(chosen) == set(MEASUREMENTS) else [f"{sizes.mode}-partial"]
         for path in write(run, Path(args.output_dir), stems):
             print(f"wrote {path}", file=sys.stderr)
+        for path in charts.write_charts(run.as_dict(), Path(args.output_dir), stems):
+            print(f"wrote {path}", file=sys.stderr)
     return 1 if any(s.error for s in run.sections) else 0
 
 
@@ -114,6 +117,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--backlog-sizes", help="rows in the table for measurement 3, e.g. 10000,1000000")
     p.add_argument("--backlog-measured", type=int, help="events timed per backlog size")
     p.add_argument("--relay-events", type=int, help="backlog drained in measurement 2")
+    p.add_argument("--relay-repeats", type=int,
+                   help="runs of each measurement-2 case, interleaved with the raw ones (best reported)")
     p.add_argument("--steady-seconds", type=float, help="length of the steady run (3b)")
     p.add_argument("--latency-loads",
                    help="measurement 4's loads as RATE/PER_TX/SECONDS, comma-separated, "
@@ -134,6 +139,8 @@ def _sizes(args: argparse.Namespace) -> Sizes:
         changes["backlog_measured"] = args.backlog_measured
     if args.relay_events:
         changes["relay_events"] = args.relay_events
+    if args.relay_repeats:
+        changes["relay_repeats"] = args.relay_repeats
     if args.steady_seconds:
         changes["steady_seconds"] = args.steady_seconds
     if args.latency_loads:
@@ -204,7 +211,8 @@ def _settings(sizes: Sizes, env: BenchEnv) -> dict[str, object]:
     relay = RelayConfig(database_url=env.database_url, bootstrap_servers=env.bootstrap_servers)
     return {
         "sizes": dataclasses.asdict(sizes),
-        "relay": {"batch_size": relay.batch_size, "poll_interval": relay.poll_interval,
+        "relay": {"batch_size": relay.batch_size, "max_in_flight": relay.max_in_flight,
+                  "poll_interval": relay.poll_interval,
                   "listen": relay.listen, "lease_ttl": relay.lease_ttl},
         "kafka_producer": DEFAULTS,
         "consumer": dataclasses.asdict(ConsumerConfig()),

@@ -199,8 +199,17 @@ def _measure(env: BenchEnv, engine: Any, topic: str, consumer: procs.Child, rela
             "commit_to_kafka": round(percentile(to_kafka, 0.99), 1),
             "kafka_to_effect": round(percentile(from_kafka, 0.99), 1),
         },
+        # Points of the distribution, for bench/charts.py: quantile -> ms.
+        "distribution_ms": {
+            "commit_to_effect": {str(q): round(percentile(latencies, q), 2) for q in QUANTILES},
+            "commit_to_kafka": ({str(q): round(percentile(to_kafka, q), 2) for q in QUANTILES}
+                                if to_kafka else {}),
+        },
         "cpu": cpu.as_dict(),
     }
+
+
+QUANTILES = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 1.0)
 
 
 def _row(case: dict[str, Any]) -> Row:

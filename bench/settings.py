@@ -15,6 +15,7 @@ class Sizes:
     # 2. relay throughput
     relay_events: int = 1_000_000
     relay_batch_size: int = 500  # the relay's default
+    relay_repeats: int = 1  # each relay/raw pair, interleaved; the best of each is reported
     # 3. backlog scale
     backlog_sizes: tuple[int, ...] = (10_000, 1_000_000, 10_000_000)
     backlog_measured: int = 100_000  # events drained and timed from each backlog
@@ -37,6 +38,7 @@ QUICK = Sizes(
     write_seconds=2.5,
     write_repeats=2,
     relay_events=15_000,
+    relay_repeats=3,
     backlog_sizes=(10_000, 100_000),
     backlog_measured=10_000,
     steady_seconds=15.0,

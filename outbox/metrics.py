@@ -48,9 +48,9 @@ RELAY_PARKED = Counter(
     "outbox_relay_parked", "Events moved to outbox_parked after max_attempts failed publishes.",
     ["topic"],
 )
-RELAY_ROUND_DURATION = Histogram(
-    "outbox_relay_round_duration_seconds",
-    "One fetch-publish-delete round that found events, from fetch to delete.",
+RELAY_BATCH_DURATION = Histogram(
+    "outbox_relay_batch_duration_seconds",
+    "One batch, from its fetch to the broker's outcome for each of its events; batches in the window overlap.",
     buckets=DURATION_BUCKETS,
 )
 RELAY_BATCH_SIZE = Histogram(

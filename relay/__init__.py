@@ -1,6 +1,8 @@
 """The relay daemon: committed outbox events to Kafka, in commit order per key.
 
-`relay/relay.py` is the loop, `relay/publisher.py` the contract with a broker,
+`relay/relay.py` is the loop, `relay/window.py` its batches in flight (and
+order when one fails), `relay/deleter.py` their deletes beside the sending,
+`relay/publisher.py` the contract with a broker,
 `relay/publishers.py` the table of implementations (`relay/kafka.py`,
 `relay/confluent.py`, sharing `relay/sending.py`), `relay/store.py` the SQL,
 `relay/leases.py` the key-shard leases, `relay/daemon.py` the process

@@ -47,6 +47,7 @@ class RelayConfig:
     )
     source: str = "outbox-relay"  # OUTBOX_RELAY_SOURCE: the CloudEvents `source` attribute
     batch_size: int = 500  # OUTBOX_RELAY_BATCH_SIZE: events per fetch/publish/delete round, 1..10000
+    max_in_flight: int = 4  # OUTBOX_RELAY_MAX_IN_FLIGHT: batches sent, not yet settled (relay/window.py), 1..64
     poll_interval: float = 1.0  # OUTBOX_RELAY_POLL_INTERVAL: seconds between polls when no NOTIFY arrives
     listen: bool = True  # OUTBOX_RELAY_LISTEN: wake on NOTIFY (polling still runs as a fallback)
     linger_ms: int = 10  # OUTBOX_RELAY_LINGER_MS: after a NOTIFY, wait this long so a burst is one round
@@ -71,6 +72,8 @@ class RelayConfig:
     def __post_init__(self) -> None:
         if not 1 <= self.batch_size <= 10_000:
             raise ConfigError("batch_size", f"{self.batch_size} is out of range 1..10000")
+        if not 1 <= self.max_in_flight <= 64:
+            raise ConfigError("max_in_flight", f"{self.max_in_flight} is out of range 1..64")
         if not 0.01 <= self.poll_interval <= 60:
             raise ConfigError("poll_interval", f"{self.poll_interval} is out of range 0.01..60 s")
         if not 1 <= self.max_attempts <= 1000:
@@ -129,7 +132,7 @@ class RelayConfig:
                   else f"kafka={self.bootstrap_servers}")
         return (
             f"database={safe_url(self.database_url)} {broker} "
-            f"batch_size={self.batch_size} poll_interval={self.poll_interval}s "
+            f"batch_size={self.batch_size} max_in_flight={self.max_in_flight} poll_interval={self.poll_interval}s "
             f"listen={self.listen} linger_ms={self.linger_ms} max_attempts={self.max_attempts} "
             f"lease_ttl={self.lease_ttl}s relay_id={self.relay_id} publisher={self.publisher} "
             f"metrics={f'{self.metrics_host}:{self.metrics_port}' if self.metrics_port else 'off'} "

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -36,7 +37,7 @@ from outbox.errors import ConfigError
 from relay.publisher import ACKNOWLEDGED, Delivery, Message
 from relay.sending import (
     every_outcome,
-    flush_timeout,
+    give_up_after,
     refused_login,
     refused_tls,
     require_safe_delivery,
@@ -135,6 +136,45 @@ PROBE_TIMEOUT = 5.0
 _PROPERTY = re.compile(r'property "([^"]+)"')
 
 
+class ConfluentSending:
+    """`relay.publisher.Sending` for one batch handed to a confluent-kafka producer."""
+
+    __slots__ = (
+        "_deliveries",
+        "_owner",
+        "deadline",
+        "expected",
+        "producer",
+        "refused",
+        "reported",
+        "reports",
+    )
+
+    def __init__(self, owner: ConfluentPublisher, producer: Producer, size: int, deadline: float) -> None:
+        self._owner = owner
+        self.producer = producer
+        self.deadline = deadline
+        self.reports: list[Delivery | None] = [None] * size  # filled by delivery reports
+        self.refused: list[Delivery | None] = [None] * size  # outcomes known at send time
+        self.expected = 0  # messages librdkafka took
+        self.reported = 0
+        self._deliveries: list[Delivery] | None = None
+
+    def report(self, index: int, err: KafkaError | None) -> None:
+        self.reports[index] = ACKNOWLEDGED if err is None else _failed(err)
+        self.reported += 1
+
+    def done(self) -> bool:
+        if self.reported < self.expected:
+            self.producer.poll(0)  # serves the delivery reports that are in
+        return self.reported >= self.expected
+
+    def wait(self) -> list[Delivery]:
+        if self._deliveries is None:
+            self._deliveries = self._owner._outcomes(self)
+        return self._deliveries
+
+
 class ConfluentPublisher:
     """`relay.publisher.Publisher` over confluent-kafka's `Producer`."""
 
@@ -144,7 +184,8 @@ class ConfluentPublisher:
         self._overrides = dict(overrides or {})
         self._topics_seen: set[str] = set()
         self._client_errors: list[KafkaError] = []
-        self._flush_timeout = flush_timeout(self._config["delivery.timeout.ms"])
+        self._give_up = give_up_after(self._config["delivery.timeout.ms"])
+        self._newest: ConfluentSending | None = None
         log.info("confluent publisher settings: %s", safe_kafka_config(self._config))
 
     def check(self) -> None:
@@ -157,39 +198,58 @@ class ConfluentPublisher:
             raise
 
     def publish(self, messages: Sequence[Message]) -> list[Delivery]:
-        producer = self._connect()
-        missing = self._missing_topics(producer, {m.topic for m in messages})
-        # Filled by delivery reports, which can already arrive while later
-        # messages are produced (_produce serves them when the queue is full).
-        reports: list[Delivery | None] = [None] * len(messages)
-
-        def send_one(index: int, message: Message) -> None:
-            def on_delivery(err: KafkaError | None, _msg: Any) -> None:
-                reports[index] = ACKNOWLEDGED if err is None else _failed(err)
-
-            self._produce(producer, message, on_delivery)
-
-        refused = send_in_key_order(messages, send_one, _refused, missing)
-        left = producer.flush(self._flush_timeout)
-        deliveries = every_outcome(
-            [r if r is not None else reports[i] for i, r in enumerate(refused)],
-            Delivery(False, f"no delivery report ({left} still queued)"),
-        )
+        deliveries = self.send(messages).wait()
         if not all(d.acknowledged for d in deliveries):
             self.close()
         return deliveries
 
+    def send(self, messages: Sequence[Message]) -> ConfluentSending:
+        """See `relay.publisher.Pipelined`: the batch is in librdkafka's queue when this returns."""
+        producer = self._connect()
+        missing = self._missing_topics(producer, {m.topic for m in messages})
+        sending = ConfluentSending(self, producer, len(messages), time.monotonic() + self._give_up)
+        report = sending.report
+
+        def send_one(index: int, message: Message) -> None:
+            # Delivery reports can already arrive while later messages are
+            # produced (_produce serves them when the queue is full).
+            self._produce(producer, message, lambda err, _msg: report(index, err))
+            sending.expected += 1
+
+        sending.refused = send_in_key_order(messages, send_one, _refused, missing)
+        self._newest = sending
+        return sending
+
+    def _outcomes(self, sending: ConfluentSending) -> list[Delivery]:
+        """Serve delivery reports until `sending` is done or its deadline; then drop the producer."""
+        producer = sending.producer
+        while not sending.done():
+            left = sending.deadline - time.monotonic()
+            if left <= 0:
+                break
+            if sending is self._newest:
+                producer.flush(left)  # nothing sent after it: also ends the linger at once
+            else:
+                producer.poll(min(left, 0.1))
+        if not sending.done():
+            log.warning("no delivery report for %d event(s) after %.0f s; dropping the producer",
+                        sending.expected - sending.reported, self._give_up)
+            if producer is self._producer:
+                self._producer = None
+            # Nothing more leaves this producer: what landed is a gapless prefix.
+            _purge(producer, in_flight=True)
+        reports = sending.reports
+        return every_outcome(
+            [r if r is not None else reports[i] for i, r in enumerate(sending.refused)],
+            Delivery(False, "no delivery report before the producer's deadline"),
+        )
+
     def close(self) -> None:
         producer, self._producer = self._producer, None
-        if producer is None:
-            return
-        try:
+        if producer is not None:
             # Nothing new is sent: queued messages are dropped (their events
             # stay in the outbox and go out again with the same ids).
-            producer.purge(in_queue=True, in_flight=False)
-            producer.flush(0)
-        except Exception:  # closing a broken producer must not hide the real error
-            log.debug("error while closing the confluent producer", exc_info=True)
+            _purge(producer, in_flight=False)
 
     def _produce(self, producer: Producer, message: Message, on_delivery: Any) -> None:
         while True:
@@ -289,6 +349,14 @@ _UNKNOWN_TOPIC = frozenset({KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOW
 # not straight to stderr, so the daemon decides what is shown.
 _librdkafka_log = logging.getLogger("relay.librdkafka")
 _librdkafka_log.addFilter(_OncePerCause())
+
+
+def _purge(producer: Producer, *, in_flight: bool) -> None:
+    try:
+        producer.purge(in_queue=True, in_flight=in_flight)
+        producer.flush(0)  # serves the purged messages' reports
+    except Exception:  # closing a broken producer must not hide the real error
+        log.debug("error while closing the confluent producer", exc_info=True)
 
 
 def _refused(exc: Exception) -> Delivery | None:

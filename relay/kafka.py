@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
 from kafka import KafkaProducer
@@ -29,7 +30,7 @@ from outbox.errors import ConfigError
 from relay.publisher import ACKNOWLEDGED, Delivery, Message
 from relay.sending import (
     every_outcome,
-    flush_timeout,
+    give_up_after,
     refused_login,
     refused_tls,
     require_safe_delivery,
@@ -98,6 +99,37 @@ _UNKNOWN_TOPIC = kafka_errors.UnknownTopicOrPartitionError.errno
 _ADMIN_SETTINGS = frozenset(KafkaAdminClient.DEFAULT_CONFIG) - {"client_id"}
 
 
+class KafkaSending:
+    """`relay.publisher.Sending` for one batch handed to a kafka-python producer."""
+
+    __slots__ = ("_checked", "_deliveries", "_owner", "deadline", "futures", "producer", "results")
+
+    def __init__(self, owner: KafkaPublisher, producer: KafkaProducer, futures: list[Any],
+                 results: list[Delivery | None], deadline: float) -> None:
+        self._owner = owner
+        self.producer = producer
+        self.futures = futures  # None where the message was refused, held back or not sent
+        self.results = results
+        self.deadline = deadline
+        self._checked = 0  # futures before this index are known to be done
+        self._deliveries: list[Delivery] | None = None
+
+    def done(self) -> bool:
+        futures = self.futures
+        for index in range(self._checked, len(futures)):
+            future = futures[index]
+            if future is not None and not future.is_done:
+                self._checked = index
+                return False
+        self._checked = len(futures)
+        return True
+
+    def wait(self) -> list[Delivery]:
+        if self._deliveries is None:
+            self._deliveries = self._owner._outcomes(self)
+        return self._deliveries
+
+
 class KafkaPublisher:
     """`relay.publisher.Publisher` over kafka-python's `KafkaProducer`."""
 
@@ -107,7 +139,8 @@ class KafkaPublisher:
         self._producer: KafkaProducer | None = None
         self._admin: KafkaAdminClient | None = None
         self._topics_seen: set[str] = set()
-        self._flush_timeout = flush_timeout(self._config["delivery_timeout_ms"])
+        self._give_up = give_up_after(self._config["delivery_timeout_ms"])
+        self._newest: KafkaSending | None = None
         log.info("kafka publisher settings: %s", safe_kafka_config(self._config))
 
     def check(self) -> None:
@@ -115,6 +148,13 @@ class KafkaPublisher:
         self._connect(bootstrap_ms=min(CHECK_BOOTSTRAP_MS, self._config["bootstrap_timeout_ms"]))
 
     def publish(self, messages: Sequence[Message]) -> list[Delivery]:
+        deliveries = self.send(messages).wait()
+        if not all(d.acknowledged for d in deliveries):
+            self.close()
+        return deliveries
+
+    def send(self, messages: Sequence[Message]) -> KafkaSending:
+        """See `relay.publisher.Pipelined`: the batch is in the producer when this returns."""
         producer = self._connect()
         missing = self._missing_topics({m.topic for m in messages})
         futures: list[Any] = [None] * len(messages)
@@ -139,22 +179,39 @@ class KafkaPublisher:
         # send() raises before the message enters the producer for a message
         # too large, a bad topic, or no metadata for the topic within max_block_ms.
         results = send_in_key_order(messages, send_one, _failed, missing)
-        try:
-            producer.flush(timeout=self._flush_timeout)
-        except kafka_errors.KafkaTimeoutError:
+        sending = KafkaSending(self, producer, futures, results, time.monotonic() + self._give_up)
+        self._newest = sending
+        return sending
+
+    def _outcomes(self, sending: KafkaSending) -> list[Delivery]:
+        """Wait for `sending`'s futures until its deadline; drop the producer if it passes."""
+        futures, producer = sending.futures, sending.producer
+        if sending is self._newest and self._producer is not None:
+            # Nothing was sent after it: a flush also ends the linger at once.
+            with suppress(kafka_errors.KafkaTimeoutError):
+                self._producer.flush(timeout=max(sending.deadline - time.monotonic(), 0))
+        while not sending.done():
+            left = sending.deadline - time.monotonic()
+            pending = {f._produce_future for f in futures if f is not None and not f.is_done}
+            if left <= 0 or not pending:
+                break
+            for produce_future in pending:  # one per producer batch, not per message
+                produce_future.wait(max(sending.deadline - time.monotonic(), 0))
+        results = sending.results
+        if not sending.done():
             log.warning("no outcome for %d event(s) after %.0f s; dropping the producer",
-                        sum(f is not None and not f.is_done for f in futures), self._flush_timeout)
+                        sum(f is not None and not f.is_done for f in futures), self._give_up)
+            if producer is self._producer:
+                self._producer = None
+            _close_producer(producer, force=True)
         for index, future in enumerate(futures):
             if future is None:
                 continue
             if not future.is_done:
-                results[index] = Delivery(False, "no acknowledgement within the flush timeout")
+                results[index] = Delivery(False, "no acknowledgement before the producer's deadline")
             else:
                 results[index] = ACKNOWLEDGED if future.succeeded() else _failed(future.exception)
-        deliveries = every_outcome(results, Delivery(False, "no outcome"))
-        if not all(d.acknowledged for d in deliveries):
-            self.close()
-        return deliveries
+        return every_outcome(results, Delivery(False, "no outcome"))
 
     def close(self) -> None:
         producer, self._producer = self._producer, None
@@ -276,8 +333,11 @@ def _raise_refusal(failures: Sequence[BaseException], config: Mapping[str, Any])
             raise refused_tls(detail) from None
 
 
-def _close_producer(producer: KafkaProducer) -> None:
+def _close_producer(producer: KafkaProducer, *, force: bool = False) -> None:
     """Close `producer` even while records are still pending in it.
+
+    `force`: send nothing more at all, fail what is pending at once (a
+    producer given up on, see `relay.sending.give_up_after`).
 
     kafka-python 3's close() flushes first and, when records are still
     pending (a deleted topic, a broker that went away), raises from that
@@ -289,11 +349,12 @@ def _close_producer(producer: KafkaProducer) -> None:
     producer). Uses private attributes of the pinned kafka-python 3; where
     they are missing, only the late traceback remains.
     """
-    try:
-        producer.close(timeout=5)
-        return
-    except Exception:  # closing a broken producer must not hide the real error
-        log.debug("kafka-python could not close the producer cleanly; forcing it", exc_info=True)
+    if not force:
+        try:
+            producer.close(timeout=5)
+            return
+        except Exception:  # closing a broken producer must not hide the real error
+            log.debug("kafka-python could not close the producer cleanly; forcing it", exc_info=True)
     sender = getattr(producer, "_sender", None)
     if sender is not None and sender.is_alive():
         sender.force_close()

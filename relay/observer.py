@@ -47,8 +47,6 @@ class RelayObserver:
         self.config = config
         self.health = Health(liveness_timeout=config.liveness_timeout)
         self._leases = leases
-        self._round_start = 0.0
-        self._round_started_at = 0.0
         self._outage: str | None = None  # kind of the outage being waited out
         self._started = False  # the start checks passed once
         self._outage_counted_at = 0.0
@@ -70,14 +68,13 @@ class RelayObserver:
 
     def round_started(self) -> None:
         self.beat()
-        self._round_start = time.perf_counter()
-        self._round_started_at = time.time()
 
-    def round(self, rows: Sequence[Row], deliveries: Sequence[Delivery]) -> None:
-        """A round that found `rows` ended with `deliveries` (same order)."""
-        metrics.RELAY_ROUND_DURATION.observe(time.perf_counter() - self._round_start)
-        metrics.RELAY_BATCH_SIZE.observe(len(rows))
+    def batch(self, rows: Sequence[Row], deliveries: Sequence[Delivery], *, fetched_at: float) -> None:
+        """A batch of `rows`, fetched at Unix time `fetched_at`, settled with `deliveries`
+        (same order). With a window, batches overlap: each one's own time is observed."""
         now = time.time()
+        metrics.RELAY_BATCH_DURATION.observe(now - fetched_at)
+        metrics.RELAY_BATCH_SIZE.observe(len(rows))
         published: Tally[str] = Tally()
         failures: Tally[str] = Tally()
         latencies: dict[str, list[float]] = {}
@@ -95,7 +92,7 @@ class RelayObserver:
         for kind, count in failures.items():
             metrics.RELAY_PUBLISH_FAILURES.labels(kind).inc(count)
         if tracing.enabled():
-            tracing.send_spans([(row.topic, row.headers) for row in rows], started=self._round_started_at,
+            tracing.send_spans([(row.topic, row.headers) for row in rows], started=fetched_at,
                                acknowledged=sum(published.values()))
 
     def parked(self, topic: str) -> None:

@@ -11,6 +11,14 @@ after its `Delivery` says `acknowledged`. Promises an implementation keeps:
 - Acknowledgement means durable: Kafka `acks=all`.
 - `publish` blocks until every message is acknowledged or failed; it never
   returns a message in neither state. Not thread-safe: one relay loop owns it.
+- `send` (see `Pipelined`) is the same without the wait: it hands a batch to
+  the producer and returns a `Sending`, so that the relay can fetch and send
+  the next batch while this one's acknowledgements are on their way. Batches
+  sent one after the other keep the order above between them. `wait` is
+  bounded by the producer's own delivery timeout, and gives up a little
+  *before* the producer would expire a batch by itself (`sending.give_up_after`):
+  it then drops the producer, so the producer never re-sequences later
+  batches past one it failed (see relay/window.py for why that matters).
 - `close` flushes nothing new and may be called twice.
 - A message for a topic the broker says does not exist is that message's own
   failure (`relay.sending.missing_topic`), found with one metadata request per round, not
@@ -41,6 +49,41 @@ class Publisher(Protocol):
     def close(self) -> None:
         """Release connections. Safe to call more than once."""
         ...
+
+
+class Sending(Protocol):
+    """A batch handed to the producer, its outcomes on their way."""
+
+    def done(self) -> bool:
+        """True once every message of the batch is acknowledged or failed; never blocks."""
+        ...
+
+    def wait(self) -> list[Delivery]:
+        """Block until `done()`; one `Delivery` per message, in the order sent."""
+        ...
+
+
+@runtime_checkable
+class Pipelined(Protocol):
+    def send(self, messages: Sequence[Message]) -> Sending:
+        """Hand `messages` to the producer in order and return at once."""
+        ...
+
+
+class Settled:
+    """A `Sending` whose outcomes are known already: how a publisher without
+    `send` (one that only blocks in `publish`) takes part in the relay's window."""
+
+    __slots__ = ("_deliveries",)
+
+    def __init__(self, deliveries: list[Delivery]) -> None:
+        self._deliveries = deliveries
+
+    def done(self) -> bool:
+        return True
+
+    def wait(self) -> list[Delivery]:
+        return self._deliveries
 
 
 @runtime_checkable

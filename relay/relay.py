@@ -3,13 +3,22 @@
 One round (`run_once`):
 
 1. fetch the oldest committed events (by `position`, which is commit order
-   per key) in one short statement;
-2. hand them to the `Publisher`, which returns only when the broker has
-   acknowledged (acks=all) or refused each one. No database transaction is
-   open meanwhile;
-3. delete the acknowledged events and count them, in one transaction;
+   per key) that are not already in flight, in one short statement;
+2. hand them to the `Publisher`, which sends them and returns at once; the
+   batch joins the window of up to `max_in_flight` batches whose
+   acknowledgements (acks=all) are on their way. No database transaction
+   is open meanwhile;
+3. settle the batches at the head of the window whose outcomes are in,
+   oldest first (waiting for the oldest when the window is full or there
+   was nothing more to send): delete the acknowledged events and count
+   them, in one transaction per batch;
 4. for refused events: count the attempt; park the event once it has failed
    `max_attempts` times for reasons of its own (see `_settle_failures`).
+
+A failure in the window stops the sending until every batch in flight is
+settled, holds back the later events of the failed events' keys, and
+replaces the producer: relay/window.py has the rule and why it keeps every
+key in commit order. `max_in_flight=1` is one batch at a time.
 
 Before the first round (`run`), the relay checks what waiting cannot fix,
 and raises `ConfigError` / `SchemaError` for it: the database refuses the
@@ -22,7 +31,8 @@ outage, at start too: waited out.
 
 A crash anywhere in 1-3 leaves the unacknowledged-or-undeleted events in the
 table, and the next round publishes them again with the same event ids: at
-least once, never lost. Consumers deduplicate by id.
+least once, never lost, and at most the window republished. Consumers
+deduplicate by id.
 
 Any number of relays can run at once. Each publishes only the key shards it
 holds a lease on (relay/leases.py), so one key is published by one relay at
@@ -34,6 +44,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -46,10 +57,12 @@ from outbox.errors import ConfigError, OutboxError, describe_error, first_line
 from outbox.failpoints import failpoint
 from relay import store
 from relay.config import RelayConfig
+from relay.deleter import Deleter
 from relay.leases import ShardLeases
 from relay.observer import RelayObserver
-from relay.publisher import Checked, Delivery, Message, Publisher
+from relay.publisher import Checked, Delivery, Message, Pipelined, Publisher, Sending, Settled
 from relay.publishers import make_publisher
+from relay.window import InFlight, Window
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +92,10 @@ class Relay:
         self.published = 0
         self.parked = 0
         self._failing: str | None = None  # the cause last logged, while rounds fail
+        self._window = Window(config.max_in_flight)
+        # With a window, deletes run beside the sending (relay/deleter.py).
+        self._deleter = Deleter(config.database_url) if config.max_in_flight > 1 else None
+        self._fetched = 0  # rows the last round fetched
         self.observer = RelayObserver(config, self.leases)  # metrics, health (relay/observer.py)
 
     # -- the loop -----------------------------------------------------------
@@ -110,6 +127,7 @@ class Relay:
                 self._recovered()
                 if published:
                     retrying = retrying.copy()  # a good round resets the backoff
+            self.drain()  # stopping: the window acknowledged and deleted first
         except RETRIABLE as exc:
             # Stopped during an outage: nothing acknowledged is left unforgotten.
             log.info("relay stopping during an outage (%s)", type(exc).__name__)
@@ -118,17 +136,52 @@ class Relay:
         log.info("relay stopped: %d events published, %d parked", self.published, self.parked)
 
     def run_once(self) -> int:
-        """One fetch-publish-delete round; returns how many events were acknowledged."""
+        """One round: send one more batch if the window has room, then settle the
+        batches whose outcomes are in. Returns how many events were acknowledged."""
+        window = self._window
         self.observer.round_started()
+        self._reap()
+        deleting = self._deleting()
+        if deleting and window.full(deleting):
+            self._reap(oldest=True)  # deletes count in the window: a crash would send them again
+            deleting = self._deleting()
         leases = self.leases.current()
-        if not leases:
+        self._fetched = 0
+        if leases and window.open(deleting):
+            conn = self._connect()
+            fetched_at = time.time()
+            excluding = window.ids()
+            if deleting and self._deleter is not None:
+                excluding = f"{excluding},{self._deleter.ids()}" if excluding else self._deleter.ids()
+            rows = store.fetch_shards(conn, sorted(leases), self.config.batch_size, excluding=excluding)
+            if rows:
+                self._fetched = len(rows)
+                try:
+                    sending = self._send(rows)
+                except BrokerUnavailable:
+                    self.drain()  # what is in flight is settled before the outage is waited out
+                    raise
+                window.push(InFlight(rows, sending, leases, fetched_at))
+        if not window:
             return 0
-        conn = self._connect()
-        rows = store.fetch_shards(conn, sorted(leases), self.config.batch_size)
-        if not rows:
-            return 0
+        # Wait for the oldest batch only when there is nothing better to do.
+        return self._settle(block=window.full(self._deleting()) or self._fetched < self.config.batch_size)
+
+    def drain(self) -> int:
+        """Settle every batch in flight (waiting for each, and for their deletes);
+        returns how many were acknowledged."""
+        settled = 0
+        while self._window:
+            settled += self._settle(block=True)
+        self._reap(wait=True)
+        return settled
+
+    def _send(self, rows: Sequence[store.Row]) -> Sending:
         try:
-            deliveries = self._publisher.publish(self._messages(rows))
+            messages = self._messages(rows)
+            if isinstance(self._publisher, Pipelined):
+                return self._publisher.send(messages)
+            return Settled(self._publisher.publish(messages))
         except ConfigError as exc:
             # Checked at start, so the broker now refuses what it took then (a
             # rotated SASL password, a replaced certificate): wait for the fix.
@@ -137,24 +190,79 @@ class Relay:
             # The publisher could not even try (no broker reachable, client
             # failure): nothing was acknowledged, so nothing is forgotten.
             raise BrokerUnavailable(f"{type(exc).__name__}: {first_line(exc)}") from exc
-        acknowledged = [row.id for row, d in zip(rows, deliveries, strict=True) if d.acknowledged]
-        if acknowledged:
-            failpoint("relay-after-ack")
-        deleted = store.delete_published_fenced(conn, self.config.relay_id, acknowledged, leases)
-        if deleted < len(acknowledged):
+
+    def _settle(self, *, block: bool) -> int:
+        """Settle batches from the head of the window, oldest first: the head
+        (waiting for it if `block`), then each one after it that is done; all
+        of them, waited for, once a failure has broken the window."""
+        window = self._window
+        conn = self._connect()
+        acknowledged = 0
+        failed: list[tuple[store.Row, Delivery]] = []
+        while window and (block or window.broken or window.head().sending.done()):
+            block = False
+            batch = window.pop()
+            deliveries = window.outcomes(batch, batch.sending.wait())
+            self.observer.batch(batch.rows, deliveries, fetched_at=batch.fetched_at)
+            acked = [row.id for row, d in zip(batch.rows, deliveries, strict=True) if d.acknowledged]
+            if acked:
+                failpoint("relay-after-ack")
+                if self._deleter is not None:
+                    self._deleter.submit(self.config.relay_id, acked, batch.leases)
+                else:
+                    self._count_deleted(
+                        store.delete_published_fenced(conn, self.config.relay_id, acked, batch.leases),
+                        len(acked),
+                    )
+            acknowledged += len(acked)
+            failed.extend((row, d) for row, d in zip(batch.rows, deliveries, strict=True)
+                          if not d.acknowledged)
+        if window.broken and not window:
+            log.warning(
+                "window settled after a failure: %d event(s) failed, %d later event(s) of their "
+                "keys held back (sent again after them); replacing the producer",
+                window.failed, window.held_back,
+            )
+            window.clear()
+            self._publisher.close()  # rule 3: the next batch goes out from a new producer
+        if failed:
+            self._settle_failures(conn, failed, broker_healthy=bool(acknowledged))
+        return acknowledged
+
+    def _count_deleted(self, deleted: int, acknowledged: int) -> None:
+        if deleted < acknowledged:
             # Leases lapsed while the batch was in flight: the new owners
             # publish these again (same ids) and delete them.
             log.warning(
                 "lost shard leases during a round: %d acknowledged events left to their new owner",
-                len(acknowledged) - deleted,
+                acknowledged - deleted,
             )
-            self.observer.lease_lost_events(len(acknowledged) - deleted)
+            self.observer.lease_lost_events(acknowledged - deleted)
+            self._window.fence()
         self.published += deleted
-        self.observer.round(rows, deliveries)
-        failed = [(row, d) for row, d in zip(rows, deliveries, strict=True) if not d.acknowledged]
-        if failed:
-            self._settle_failures(conn, failed, broker_healthy=bool(acknowledged))
-        return len(acknowledged)
+
+    def _deleting(self) -> int:
+        return len(self._deleter) if self._deleter is not None else 0
+
+    def _reap(self, *, wait: bool = False, oldest: bool = False) -> None:
+        if self._deleter is not None:
+            for deleted, acknowledged in self._deleter.reap(wait=wait, oldest=oldest):
+                self._count_deleted(deleted, acknowledged)
+
+    def _abandon_window(self) -> None:
+        """After an error in the middle of a round (the database gone): wait out
+        what is in flight without deleting it (its rows go out again, same ids,
+        from a new producer), so that the old producer has settled, or been
+        dropped at its deadline, before the new one sends anything."""
+        if self._deleter is not None:
+            try:
+                self._reap(wait=True)  # what was deleted is counted (and a lost lease logged)
+            except Exception:  # the database is gone: the error that counts is being raised
+                self._deleter.forget()
+        if self._window:
+            for batch in self._window.clear():
+                batch.sending.wait()
+            self._publisher.close()
 
     def stop(self) -> None:
         """Ask `run` to return after the round in flight. Safe to call at any time, twice."""
@@ -162,6 +270,9 @@ class Relay:
 
     def close(self) -> None:
         self.observer.close()
+        self._abandon_window()
+        if self._deleter is not None:
+            self._deleter.close()
         self.leases.stop()
         self._publisher.close()
         conn, self._conn = self._conn, None
@@ -203,10 +314,12 @@ class Relay:
             raise self.leases.fatal
         try:
             published = self.run_once()
-        except (psycopg.OperationalError, psycopg.InterfaceError):
-            self._drop_connection()
+        except BaseException as exc:
+            self._abandon_window()
+            if isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError)):
+                self._drop_connection()
             raise
-        if published < self.config.batch_size and not self._stopping.is_set():
+        if not self._window and self._fetched < self.config.batch_size and not self._stopping.is_set():
             self._wait_for_events()
         return published
 

@@ -2,7 +2,7 @@
 
 Both `relay/kafka.py` and `relay/confluent.py` send a batch through
 `send_in_key_order` (a refused message holds back the rest of its key),
-bound their wait with `flush_timeout`, fill in `every_outcome`, refuse
+bound their wait with `give_up_after`, fill in `every_outcome`, refuse
 unsafe producer settings with `require_safe_delivery`, and turn a refused
 login or handshake into one `ConfigError`. Every error here names the
 OUTBOX_KAFKA_* variable to change, whatever the client calls the setting,
@@ -119,15 +119,21 @@ def send_in_key_order(
     return results
 
 
-def flush_timeout(delivery_timeout_ms: float) -> float:
-    """Seconds a publisher waits for a batch's outcomes before it counts the rest as failed.
+def give_up_after(delivery_timeout_ms: float) -> float:
+    """Seconds a publisher waits for a batch's outcomes before it drops the producer.
 
-    delivery.timeout.ms bounds every send, in theory; kafka-python has been
-    seen to leave a batch that was in flight when the broker died unresolved
-    forever, and an unbounded wait would stall the relay (and its SIGTERM).
-    The margin covers the serving of delivery reports.
+    A little *less* than the producer's own delivery timeout, on purpose.
+    When a producer expires a batch by itself it goes on with the batches
+    behind it under fresh sequence numbers (kafka-python resets its producer
+    id; librdkafka's gapless guarantee does not cover timeouts), so a later
+    event of a key could land while an earlier one did not. Giving up first,
+    and dropping the producer without sending anything more
+    (`relay/window.py` explains the whole argument), leaves what landed a
+    gapless prefix. It also bounds the wait where kafka-python has been seen
+    to leave a batch unresolved forever after its broker died.
     """
-    return delivery_timeout_ms / 1000 + 5
+    seconds = delivery_timeout_ms / 1000
+    return max(seconds - min(5.0, seconds / 5), 0.1)
 
 
 def every_outcome(results: Sequence[Delivery | None], missing: Delivery) -> list[Delivery]:

@@ -254,6 +254,16 @@ LIMIT %s
 """
 
 
+# The same, without the events already in flight in the relay's window
+# (relay/window.py), passed as one comma-separated string like the delete's
+# ids. They are the oldest rows, so the scan still starts at the head of the
+# position index and skips them with one hash probe each.
+_FETCH_SHARDS_EXCLUDING = _FETCH_SHARDS.replace(
+    "ORDER BY position",
+    "  AND id <> ALL(string_to_array(%s, ',')::uuid[])\nORDER BY position",
+)
+
+
 def heartbeat(
     conn: psycopg.Connection[Any], me: str, *, ttl: float, wanted_total: int
 ) -> tuple[dict[int, int], int]:
@@ -294,11 +304,17 @@ def leave(conn: psycopg.Connection[Any], me: str, shards: Sequence[int]) -> None
         conn.execute(_LEAVE, {"me": me})
 
 
-def fetch_shards(conn: psycopg.Connection[Any], shards: Sequence[int], limit: int) -> list[Row]:
-    """The oldest committed events of the given shards, in position order."""
+def fetch_shards(
+    conn: psycopg.Connection[Any], shards: Sequence[int], limit: int, *, excluding: str = ""
+) -> list[Row]:
+    """The oldest committed events of the given shards, in position order,
+    leaving out the ids in `excluding` (comma-separated, as `InFlight.ids` gives them)."""
     # Binary results: the payload arrives as its bytes, not as hex to decode.
     with conn.cursor(binary=True, row_factory=args_row(Row)) as cur:
-        cur.execute(_FETCH_SHARDS, (list(shards), limit), prepare=True)
+        if excluding:
+            cur.execute(_FETCH_SHARDS_EXCLUDING, (list(shards), excluding, limit), prepare=True)
+        else:
+            cur.execute(_FETCH_SHARDS, (list(shards), limit), prepare=True)
         return cur.fetchall()
 
 

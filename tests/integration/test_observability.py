@@ -96,8 +96,8 @@ def test_relay_metrics_move_with_publishes_and_parks(
     assert _moved(before, after, "outbox_relay_publish_failures_total", kind="UnknownTopic") == 1
     assert _count(after, "outbox_relay_commit_to_ack_seconds", topic=topic) - _count(
         before, "outbox_relay_commit_to_ack_seconds", topic=topic) == 25
-    assert _count(after, "outbox_relay_round_duration_seconds") > _count(
-        before, "outbox_relay_round_duration_seconds")
+    assert _count(after, "outbox_relay_batch_duration_seconds") > _count(
+        before, "outbox_relay_batch_duration_seconds")
     assert value(after, "outbox_relay_batch_events_sum") - value(before, "outbox_relay_batch_events_sum") >= 26
     assert value(after, "outbox_relay_shards_owned") > 0
     assert value(after, "outbox_relay_ready") == 1
