@@ -343,6 +343,30 @@ class PaymentsSystem:
 
     def close(self) -> None:
         self.engine.dispose()
+        if self.rabbitmq_url is not None:
+            self._delete_rabbitmq()
+
+    def _delete_rabbitmq(self) -> None:
+        """The run's exchanges and queues: every quorum queue left behind slows the node's next boot."""
+        import pika
+
+        from outbox.rabbitmq_topology import Topology
+        from outbox.rabbitmq_wire import connection_parameters
+
+        assert self.rabbitmq_url is not None
+        topology = Topology(topic=self.topic, group=self.group, queues=self.partitions)
+        try:
+            connection = pika.BlockingConnection(connection_parameters(self.rabbitmq_url))
+        except Exception:  # the broker is gone: nothing to tidy
+            return
+        try:
+            channel = connection.channel()
+            for queue in [*topology.queue_names, topology.dead_letter_queue]:
+                channel.queue_delete(queue)
+            for exchange in (topology.group_exchange, topology.dead_letter_exchange, topology.exchange):
+                channel.exchange_delete(exchange)
+        finally:
+            connection.close()
 
 
 def _connection_lost(exc: BaseException) -> bool:
