@@ -54,7 +54,7 @@ def run(*args: str, timeout: float) -> str:
 
 def env() -> dict[str, str]:
     """The variables ``devstack/devstack env`` exports (``OUTBOX_DATABASE_URL``,
-    ``OUTBOX_KAFKA_BOOTSTRAP_SERVERS``, ``OUTBOX_DEVSTACK_KAFKA_SASL_*``)."""
+    ``OUTBOX_KAFKA_BOOTSTRAP_SERVERS``, ``OUTBOX_DEVSTACK_KAFKA_SASL_*``, ``OUTBOX_DEVSTACK_KAFKA_SSL_*``)."""
     found: dict[str, str] = {}
     for line in run("env", timeout=30).splitlines():
         line = line.strip()
@@ -101,4 +101,38 @@ def sasl_listener() -> SaslListener:
         servers=served["OUTBOX_DEVSTACK_KAFKA_SASL_SERVERS"],
         username=served["OUTBOX_DEVSTACK_KAFKA_SASL_USERNAME"],
         password=served["OUTBOX_DEVSTACK_KAFKA_SASL_PASSWORD"],
+    )
+
+
+@dataclass(frozen=True)
+class SslListener:
+    """The devstack brokers' SASL_SSL listener: SCRAM-SHA-512 users whose ACLs
+    allow the relay's user to write, and the consumer's user to read, the topics
+    named ``topic_prefix*`` (the consumer also the groups named ``group_prefix*``)."""
+
+    servers: str
+    cluster_servers: str
+    cafile: str
+    untrusted_cafile: str  # a CA that signed nothing here: a client trusting it fails the handshake
+    mechanism: str
+    relay_username: str
+    relay_password: str = field(repr=False)
+    consumer_username: str = ""
+    consumer_password: str = field(default="", repr=False)
+    topic_prefix: str = ""
+    group_prefix: str = ""
+
+
+def ssl_listener() -> SslListener:
+    served = env()
+
+    def get(name: str) -> str:
+        return served[f"OUTBOX_DEVSTACK_KAFKA_SSL_{name}"]
+
+    return SslListener(
+        servers=get("SERVERS"), cluster_servers=get("CLUSTER_SERVERS"), cafile=get("CAFILE"),
+        untrusted_cafile=get("UNTRUSTED_CAFILE"), mechanism=get("MECHANISM"),
+        relay_username=get("RELAY_USERNAME"), relay_password=get("RELAY_PASSWORD"),
+        consumer_username=get("CONSUMER_USERNAME"), consumer_password=get("CONSUMER_PASSWORD"),
+        topic_prefix=get("TOPIC_PREFIX"), group_prefix=get("GROUP_PREFIX"),
     )
