@@ -33,14 +33,13 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 
 from outbox.config import safe_kafka_config
 from outbox.errors import ConfigError
+from outbox.kafka_refusals import refused_login, refused_tls, scrub
 from relay.publisher import ACKNOWLEDGED, Delivery, Message
 from relay.sending import (
     every_outcome,
     flush_timeout,
-    refused_login,
-    refused_tls,
+    not_authorized_topic,
     require_safe_delivery,
-    scrub,
     send_in_key_order,
 )
 
@@ -163,13 +162,16 @@ class ConfluentPublisher:
         # messages are produced (_produce serves them when the queue is full).
         reports: list[Delivery | None] = [None] * len(messages)
 
+        sending = [""]  # the topic of the message being produced, for a refusal's text
+
         def send_one(index: int, message: Message) -> None:
             def on_delivery(err: KafkaError | None, _msg: Any) -> None:
-                reports[index] = ACKNOWLEDGED if err is None else _failed(err)
+                reports[index] = ACKNOWLEDGED if err is None else _failed(err, message.topic)
 
+            sending[0] = message.topic
             self._produce(producer, message, on_delivery)
 
-        refused = send_in_key_order(messages, send_one, _refused, missing)
+        refused = send_in_key_order(messages, send_one, lambda exc: _refused(exc, sending[0]), missing)
         left = producer.flush(self._flush_timeout)
         deliveries = every_outcome(
             [r if r is not None else reports[i] for i, r in enumerate(refused)],
@@ -291,17 +293,19 @@ _librdkafka_log = logging.getLogger("relay.librdkafka")
 _librdkafka_log.addFilter(_OncePerCause())
 
 
-def _refused(exc: Exception) -> Delivery | None:
+def _refused(exc: Exception, topic: str) -> Delivery | None:
     """produce() refused the message before it entered the producer (too large,
     bad topic): its own failure. Anything else is the client's, and propagates."""
     if not isinstance(exc, (KafkaException, ValueError, TypeError)):
         return None
     err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else exc
-    return _failed(err)
+    return _failed(err, topic)
 
 
-def _failed(err: KafkaError | BaseException) -> Delivery:
+def _failed(err: KafkaError | BaseException, topic: str = "") -> Delivery:
     if isinstance(err, KafkaError):
+        if err.code() == KafkaError.TOPIC_AUTHORIZATION_FAILED:
+            return not_authorized_topic(topic or "(this event's topic)")
         # A fatal error (e.g. the gapless guarantee) is the producer's, not the
         # event's: a new producer retries it.
         retriable = err.fatal() or err.code() not in PERMANENT_ERRORS
