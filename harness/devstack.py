@@ -136,3 +136,33 @@ def ssl_listener() -> SslListener:
         consumer_username=get("CONSUMER_USERNAME"), consumer_password=get("CONSUMER_PASSWORD"),
         topic_prefix=get("TOPIC_PREFIX"), group_prefix=get("GROUP_PREFIX"),
     )
+
+
+@dataclass(frozen=True)
+class PostgresTls:
+    """The devstack PostgreSQL's TLS: its CA, a CA that signed nothing here, the
+    role that is refused without TLS (a member of the kit's role), and the
+    superuser's socket directory (for tests that create roles)."""
+
+    cafile: str
+    untrusted_cafile: str
+    username: str
+    password: str = field(repr=False)
+    socket_dir: str = ""
+
+    def url(self, database_url: str, *, cafile: str | None = None, sslmode: str = "verify-full") -> str:
+        """`database_url` as this TLS role, with `sslmode` and `sslrootcert` in its query."""
+        from sqlalchemy.engine import make_url
+
+        parsed = make_url(database_url).set(username=self.username, password=self.password)
+        query = {"sslmode": sslmode, **({"sslrootcert": cafile or self.cafile} if sslmode != "disable" else {})}
+        return parsed.update_query_dict(query).render_as_string(hide_password=False)
+
+
+def postgres_tls() -> PostgresTls:
+    served = env()
+    return PostgresTls(
+        cafile=served["OUTBOX_DEVSTACK_PG_CAFILE"], untrusted_cafile=served["OUTBOX_DEVSTACK_PG_UNTRUSTED_CAFILE"],
+        username=served["OUTBOX_DEVSTACK_PG_TLS_USERNAME"], password=served["OUTBOX_DEVSTACK_PG_TLS_PASSWORD"],
+        socket_dir=served["OUTBOX_DEVSTACK_PG_SOCKET_DIR"],
+    )
