@@ -91,6 +91,7 @@ def test_a_wrong_ca_is_one_line_from_the_relay_the_cli_and_the_consumer(
                          capture_output=True, text=True, cwd=REPO, timeout=60, check=False)
     assert cli.returncode == 1 and cli.stdout == "", cli
     assert len(cli.stderr.splitlines()) == 1 and "certificate verify failed" in cli.stderr, cli.stderr
+    assert "check sslmode and sslrootcert" in cli.stderr, cli.stderr
     assert TLS.password not in cli.stderr
 
     engine = create_engine(wrong_ca)
