@@ -59,6 +59,12 @@ def not_authorized(what: str, names: Iterable[str], operation: str, username: ob
     )
 
 
+def refused_names(exc: BaseException, default: Iterable[str]) -> list[str]:
+    """The topics or groups a kafka-python authorization error names (its first argument), else `default`."""
+    named = exc.args[0] if exc.args and isinstance(exc.args[0], (set, list, tuple)) else default
+    return sorted(map(str, named))
+
+
 def scrub(text: str, config: Mapping[str, Any]) -> str:
     """A client's error text with the values of secret settings masked as well."""
     for name, value in config.items():

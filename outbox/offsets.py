@@ -23,7 +23,7 @@ from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from outbox.errors import describe_error
-from outbox.kafka_refusals import connection_failures, not_authorized, raise_refusal
+from outbox.kafka_refusals import connection_failures, not_authorized, raise_refusal, refused_names
 from outbox.records import KafkaRecord
 
 log = logging.getLogger("outbox.consumer")  # the consumer's log lines, under its name
@@ -55,7 +55,7 @@ class GroupOffsets:
         except kafka_errors.GroupAuthorizationFailedError:
             raise self._not_authorized("group", [self.group]) from None
         except kafka_errors.TopicAuthorizationFailedError as exc:
-            raise self._not_authorized("topic", _names(exc, self.topics)) from None
+            raise self._not_authorized("topic", refused_names(exc, self.topics)) from None
         # A topic the user may not describe looks missing to kafka-python, which
         # logs its metadata error once and then waits on it forever, silently.
         refused = set(getattr(getattr(client, "_cluster", None), "unauthorized_topics", ()) or ())
@@ -130,11 +130,6 @@ class GroupOffsets:
 
     def _not_authorized(self, what: str, names: Sequence[str] | set[str]) -> Exception:
         return not_authorized(what, names, "read", self._settings.get("sasl_plain_username"))
-
-
-def _names(exc: BaseException, default: Sequence[str]) -> list[str]:
-    named = exc.args[0] if exc.args and isinstance(exc.args[0], (set, list, tuple)) else default
-    return sorted(map(str, named))
 
 
 class _RebalanceListener(ConsumerRebalanceListener):  # type: ignore[misc]  # kafka is untyped

@@ -24,7 +24,7 @@ from kafka.admin import KafkaAdminClient
 
 from outbox.config import is_secret, safe_kafka_config
 from outbox.errors import ConfigError
-from outbox.kafka_refusals import connection_failures, raise_refusal, scrub
+from outbox.kafka_refusals import connection_failures, raise_refusal, refused_names, scrub
 from relay.publisher import ACKNOWLEDGED, Delivery, Message
 from relay.sending import (
     every_outcome,
@@ -135,7 +135,7 @@ class KafkaPublisher:
 
         # send() raises before the message enters the producer for a message
         # too large, a bad topic, or no metadata for the topic within max_block_ms.
-        results = send_in_key_order(messages, send_one, _failed, missing)
+        results = send_in_key_order(messages, send_one, _failed, missing)  # a refused send names its topic
         try:
             producer.flush(timeout=self._flush_timeout)
         except kafka_errors.KafkaTimeoutError:
@@ -147,7 +147,8 @@ class KafkaPublisher:
             if not future.is_done:
                 results[index] = Delivery(False, "no acknowledgement within the flush timeout")
             else:
-                results[index] = ACKNOWLEDGED if future.succeeded() else _failed(future.exception)
+                results[index] = (ACKNOWLEDGED if future.succeeded()
+                                  else _failed(future.exception, messages[index].topic))
         deliveries = every_outcome(results, Delivery(False, "no outcome"))
         if not all(d.acknowledged for d in deliveries):
             self.close()
@@ -256,11 +257,10 @@ def _close_producer(producer: KafkaProducer) -> None:
     producer._closed = True  # its __del__ would try (and fail) to flush again
 
 
-def _failed(exc: BaseException | None) -> Delivery:
+def _failed(exc: BaseException | None, topic: str = "") -> Delivery:
     if exc is None:
         return Delivery(False, "unknown delivery failure")
     if isinstance(exc, kafka_errors.TopicAuthorizationFailedError):
-        return not_authorized_topic(", ".join(sorted(map(str, exc.args[0]))) if exc.args and isinstance(
-            exc.args[0], (set, list, tuple)) else str(exc))
+        return not_authorized_topic(", ".join(refused_names(exc, [topic or str(exc)])))
     retriable = not isinstance(exc, (*PERMANENT_ERRORS, ValueError, TypeError))
     return Delivery(False, f"{type(exc).__name__}: {exc}", retriable=retriable)
