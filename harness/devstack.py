@@ -54,7 +54,7 @@ def run(*args: str, timeout: float) -> str:
 
 def env() -> dict[str, str]:
     """The variables ``devstack/devstack env`` exports (``OUTBOX_DATABASE_URL``,
-    ``OUTBOX_KAFKA_BOOTSTRAP_SERVERS``, ``OUTBOX_DEVSTACK_KAFKA_SASL_*``)."""
+    ``OUTBOX_KAFKA_BOOTSTRAP_SERVERS``, ``OUTBOX_DEVSTACK_KAFKA_SASL_*``, ``OUTBOX_DEVSTACK_KAFKA_SSL_*``)."""
     found: dict[str, str] = {}
     for line in run("env", timeout=30).splitlines():
         line = line.strip()
@@ -101,4 +101,68 @@ def sasl_listener() -> SaslListener:
         servers=served["OUTBOX_DEVSTACK_KAFKA_SASL_SERVERS"],
         username=served["OUTBOX_DEVSTACK_KAFKA_SASL_USERNAME"],
         password=served["OUTBOX_DEVSTACK_KAFKA_SASL_PASSWORD"],
+    )
+
+
+@dataclass(frozen=True)
+class SslListener:
+    """The devstack brokers' SASL_SSL listener: SCRAM-SHA-512 users whose ACLs
+    allow the relay's user to write, and the consumer's user to read, the topics
+    named ``topic_prefix*`` (the consumer also the groups named ``group_prefix*``)."""
+
+    servers: str
+    cluster_servers: str
+    cafile: str
+    untrusted_cafile: str  # a CA that signed nothing here: a client trusting it fails the handshake
+    mechanism: str
+    relay_username: str
+    relay_password: str = field(repr=False)
+    consumer_username: str = ""
+    consumer_password: str = field(default="", repr=False)
+    topic_prefix: str = ""
+    group_prefix: str = ""
+
+
+def ssl_listener() -> SslListener:
+    served = env()
+
+    def get(name: str) -> str:
+        return served[f"OUTBOX_DEVSTACK_KAFKA_SSL_{name}"]
+
+    return SslListener(
+        servers=get("SERVERS"), cluster_servers=get("CLUSTER_SERVERS"), cafile=get("CAFILE"),
+        untrusted_cafile=get("UNTRUSTED_CAFILE"), mechanism=get("MECHANISM"),
+        relay_username=get("RELAY_USERNAME"), relay_password=get("RELAY_PASSWORD"),
+        consumer_username=get("CONSUMER_USERNAME"), consumer_password=get("CONSUMER_PASSWORD"),
+        topic_prefix=get("TOPIC_PREFIX"), group_prefix=get("GROUP_PREFIX"),
+    )
+
+
+@dataclass(frozen=True)
+class PostgresTls:
+    """The devstack PostgreSQL's TLS: its CA, a CA that signed nothing here, the
+    role that is refused without TLS (a member of the kit's role), and the
+    superuser's socket directory (for tests that create roles)."""
+
+    cafile: str
+    untrusted_cafile: str
+    username: str
+    password: str = field(repr=False)
+    socket_dir: str = ""
+
+    def url(self, database_url: str, *, cafile: str | None = None, sslmode: str = "verify-full") -> str:
+        """`database_url` as this TLS role, with `sslmode` and `sslrootcert` in its query."""
+        from sqlalchemy.engine import make_url
+
+        parsed = make_url(database_url).set(username=self.username, password=self.password)
+        query = {"sslmode": sslmode, **({"sslrootcert": cafile or self.cafile} if sslmode != "disable" else {})}
+        return parsed.update_query_dict(query).render_as_string(hide_password=False)
+
+
+def postgres_tls() -> PostgresTls:
+    served = env()
+    return PostgresTls(
+        cafile=served["OUTBOX_DEVSTACK_PG_CAFILE"], untrusted_cafile=served["OUTBOX_DEVSTACK_PG_UNTRUSTED_CAFILE"],
+        username=served["OUTBOX_DEVSTACK_PG_TLS_USERNAME"], password=served["OUTBOX_DEVSTACK_PG_TLS_PASSWORD"],
+        socket_dir=served["OUTBOX_DEVSTACK_PG_SOCKET_DIR"],
     )

@@ -25,6 +25,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 import uuid
 from collections.abc import Callable, Sequence
@@ -169,6 +170,15 @@ def build_parser() -> Parser:
         db_commands, "check",
         "exit 1 unless the database matches the kit's models, commit trigger included", db_check,
     )
+    grants = command(
+        db_commands, "grants",
+        "give the writer, relay and consumer roles their least privileges (or print them: --sql)",
+        db_grants,
+    )
+    for side in ("writer", "relay", "consumer"):
+        grants.add_argument(f"--{side}", metavar="ROLE", help=f"the {side}'s database role")
+    grants.add_argument("--schema", default="public", help="the kit's schema (default: public)")
+    grants.add_argument("--sql", action="store_true", help="print the statements (needs no database)")
 
     # relay.options, not relay.daemon: building the parser for `outbox db upgrade`
     # must not import the relay loop and a Kafka client.
@@ -293,6 +303,19 @@ def db_history(args: argparse.Namespace) -> int:
 def db_check(args: argparse.Namespace) -> int:
     migrate.check(args.database_url)
     print("outbox: schema matches the kit's models")
+    return 0
+
+
+def db_grants(args: argparse.Namespace) -> int:
+    from outbox.grants import Roles, apply_grants, grant_statements
+
+    roles = Roles(writer=args.writer, relay=args.relay, consumer=args.consumer)
+    if args.sql:
+        print("\n".join(grant_statements(roles, args.schema)))
+        return 0
+    with _engine(args).begin() as conn:
+        done = apply_grants(conn, roles, args.schema)
+    print(f"outbox: {len(done)} statements applied for {', '.join(roles.named())} in {_shown_url(args)}")
     return 0
 
 
@@ -484,11 +507,15 @@ def database_error_line(exc: BaseException, args: argparse.Namespace) -> str:
     if isinstance(cause, psycopg.errors.UndefinedTable):
         return f"the kit's tables are missing in {where}: run `outbox db upgrade`"
     if isinstance(cause, psycopg.OperationalError | OSError):
-        return (
-            f"cannot use the database {where}: {describe_error(cause)}; "
-            "check host, port, user and password of --database-url / $OUTBOX_DATABASE_URL"
-        )
+        text = describe_error(cause)
+        check = ("sslmode and sslrootcert (the CA file) in the URL's query" if _TLS_WORDS.search(text)
+                 else "host, port, user and password")
+        return f"cannot use the database {where}: {text}; check {check} of --database-url / $OUTBOX_DATABASE_URL"
     return f"database error on {where}: {describe_error(cause)}"
+
+
+# libpq's words for a TLS problem: then the URL's TLS parameters are what to check.
+_TLS_WORDS = re.compile(r"SSL|certificate|no encryption", re.IGNORECASE)
 
 
 def _fail(message: str, code: int) -> int:

@@ -135,7 +135,7 @@ _SECRET_PAIR = re.compile(r"(?i)\b(password|passwd|pwd|secret|token)\s*=\s*[^\s&
 # libpq's words for a login the server (or the client's TLS settings) refused.
 # Connection errors carry no SQLSTATE in psycopg, so the text is what there is.
 _REFUSED_LOGIN = re.compile(
-    r"authentication failed|no pg_hba\.conf entry|does not exist|not permitted to log in"
+    r"authentication failed|no pg_hba\.conf entry|pg_hba\.conf rejects|does not exist|not permitted to log in"
     r"|permission denied for database|no password supplied|password is missing"
     r"|server does not support SSL|SSL error:|certificate|sslmode"
     r"|invalid connection option|invalid dsn|invalid URI",

@@ -17,12 +17,14 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from kafka import KafkaConsumer
+from kafka import errors as kafka_errors
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from outbox.config import safe_kafka_config
 from outbox.errors import describe_error
+from outbox.kafka_refusals import connection_failures, not_authorized, raise_refusal, refused_names
 from outbox.records import KafkaRecord
 
 log = logging.getLogger("outbox.consumer")  # the consumer's log lines, under its name
@@ -58,9 +60,20 @@ class GroupOffsets:
 
     def poll(self, timeout_ms: int, max_records: int) -> dict[TopicPartition, list[KafkaRecord]]:
         self.commit()  # a commit that failed last time, before a poll can rebalance
-        batch: dict[TopicPartition, list[KafkaRecord]] = self._client().poll(
-            timeout_ms=timeout_ms, max_records=max_records
-        )
+        client = self._client()
+        try:
+            batch: dict[TopicPartition, list[KafkaRecord]] = client.poll(
+                timeout_ms=timeout_ms, max_records=max_records
+            )
+        except kafka_errors.GroupAuthorizationFailedError:
+            raise self._not_authorized("group", [self.group]) from None
+        except kafka_errors.TopicAuthorizationFailedError as exc:
+            raise self._not_authorized("topic", refused_names(exc, self.topics)) from None
+        # A topic the user may not describe looks missing to kafka-python, which
+        # logs its metadata error once and then waits on it forever, silently.
+        refused = set(getattr(getattr(client, "_cluster", None), "unauthorized_topics", ()) or ())
+        if refused & set(self.topics):
+            raise self._not_authorized("topic", refused & set(self.topics))
         return batch
 
     def done(self, record: KafkaRecord) -> int:
@@ -109,7 +122,14 @@ class GroupOffsets:
 
     def _client(self) -> Any:
         if self.client is None:
-            client = KafkaConsumer(**self._settings)
+            # What the broker refuses (a login, a handshake, an ACL) is a setting,
+            # not an outage: one ConfigError naming it (outbox.kafka_refusals).
+            with connection_failures() as failures:
+                try:
+                    client = KafkaConsumer(**self._settings)
+                except kafka_errors.KafkaTimeoutError:
+                    raise_refusal(failures, self._settings)
+                    raise
             # Learn the topics' partitions before joining: a group leader whose
             # metadata lacks a topic assigns nobody its partitions, and the group
             # only notices at the next metadata refresh (minutes later).
@@ -119,6 +139,10 @@ class GroupOffsets:
             client.subscribe(topics=list(self.topics), listener=_RebalanceListener(self))
             self.client = client
         return self.client
+
+
+    def _not_authorized(self, what: str, names: Sequence[str] | set[str]) -> Exception:
+        return not_authorized(what, names, "read", self._settings.get("sasl_plain_username"))
 
 
 class _RebalanceListener(ConsumerRebalanceListener):  # type: ignore[misc]  # kafka is untyped

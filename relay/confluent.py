@@ -34,14 +34,13 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 
 from outbox.config import safe_kafka_config
 from outbox.errors import ConfigError
+from outbox.kafka_refusals import refused_login, refused_tls, scrub
 from relay.publisher import ACKNOWLEDGED, Delivery, Message
 from relay.sending import (
     every_outcome,
     give_up_after,
-    refused_login,
-    refused_tls,
+    not_authorized_topic,
     require_safe_delivery,
-    scrub,
     send_in_key_order,
 )
 
@@ -160,8 +159,8 @@ class ConfluentSending:
         self.reported = 0
         self._deliveries: list[Delivery] | None = None
 
-    def report(self, index: int, err: KafkaError | None) -> None:
-        self.reports[index] = ACKNOWLEDGED if err is None else _failed(err)
+    def report(self, index: int, err: KafkaError | None, topic: str) -> None:
+        self.reports[index] = ACKNOWLEDGED if err is None else _failed(err, topic)
         self.reported += 1
 
     def done(self) -> bool:
@@ -209,14 +208,18 @@ class ConfluentPublisher:
         missing = self._missing_topics(producer, {m.topic for m in messages})
         sending = ConfluentSending(self, producer, len(messages), time.monotonic() + self._give_up)
         report = sending.report
+        producing = [""]  # the topic of the message being produced, for a refusal's text
 
         def send_one(index: int, message: Message) -> None:
             # Delivery reports can already arrive while later messages are
             # produced (_produce serves them when the queue is full).
-            self._produce(producer, message, lambda err, _msg: report(index, err))
+            producing[0] = message.topic
+            self._produce(producer, message, lambda err, _msg: report(index, err, message.topic))
             sending.expected += 1
 
-        sending.refused = send_in_key_order(messages, send_one, _refused, missing)
+        sending.refused = send_in_key_order(
+            messages, send_one, lambda exc: _refused(exc, producing[0]), missing
+        )
         self._newest = sending
         return sending
 
@@ -359,17 +362,19 @@ def _purge(producer: Producer, *, in_flight: bool) -> None:
         log.debug("error while closing the confluent producer", exc_info=True)
 
 
-def _refused(exc: Exception) -> Delivery | None:
+def _refused(exc: Exception, topic: str) -> Delivery | None:
     """produce() refused the message before it entered the producer (too large,
     bad topic): its own failure. Anything else is the client's, and propagates."""
     if not isinstance(exc, (KafkaException, ValueError, TypeError)):
         return None
     err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else exc
-    return _failed(err)
+    return _failed(err, topic)
 
 
-def _failed(err: KafkaError | BaseException) -> Delivery:
+def _failed(err: KafkaError | BaseException, topic: str = "") -> Delivery:
     if isinstance(err, KafkaError):
+        if err.code() == KafkaError.TOPIC_AUTHORIZATION_FAILED:
+            return not_authorized_topic(topic or "(this event's topic)")
         # A fatal error (e.g. the gapless guarantee) is the producer's, not the
         # event's: a new producer retries it.
         retriable = err.fatal() or err.code() not in PERMANENT_ERRORS

@@ -15,10 +15,9 @@ number state from a failed batch can reorder or stall later ones.
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager, suppress
+from collections.abc import Mapping, Sequence
+from contextlib import suppress
 from typing import Any
 
 from kafka import KafkaProducer
@@ -27,14 +26,13 @@ from kafka.admin import KafkaAdminClient
 
 from outbox.config import is_secret, safe_kafka_config
 from outbox.errors import ConfigError
+from outbox.kafka_refusals import connection_failures, raise_refusal, refused_names, scrub
 from relay.publisher import ACKNOWLEDGED, Delivery, Message
 from relay.sending import (
     every_outcome,
     give_up_after,
-    refused_login,
-    refused_tls,
+    not_authorized_topic,
     require_safe_delivery,
-    scrub,
     send_in_key_order,
 )
 
@@ -102,11 +100,12 @@ _ADMIN_SETTINGS = frozenset(KafkaAdminClient.DEFAULT_CONFIG) - {"client_id"}
 class KafkaSending:
     """`relay.publisher.Sending` for one batch handed to a kafka-python producer."""
 
-    __slots__ = ("_checked", "_deliveries", "_owner", "deadline", "futures", "producer", "results")
+    __slots__ = ("_checked", "_deliveries", "_owner", "deadline", "futures", "producer", "results", "topics")
 
     def __init__(self, owner: KafkaPublisher, producer: KafkaProducer, futures: list[Any],
-                 results: list[Delivery | None], deadline: float) -> None:
+                 results: list[Delivery | None], deadline: float, topics: list[str]) -> None:
         self._owner = owner
+        self.topics = topics  # each message's, for the text of a refusal
         self.producer = producer
         self.futures = futures  # None where the message was refused, held back or not sent
         self.results = results
@@ -178,8 +177,9 @@ class KafkaPublisher:
 
         # send() raises before the message enters the producer for a message
         # too large, a bad topic, or no metadata for the topic within max_block_ms.
-        results = send_in_key_order(messages, send_one, _failed, missing)
-        sending = KafkaSending(self, producer, futures, results, time.monotonic() + self._give_up)
+        results = send_in_key_order(messages, send_one, _failed, missing)  # a refused send names its topic
+        sending = KafkaSending(self, producer, futures, results, time.monotonic() + self._give_up,
+                               [m.topic for m in messages])
         self._newest = sending
         return sending
 
@@ -210,7 +210,8 @@ class KafkaPublisher:
             if not future.is_done:
                 results[index] = Delivery(False, "no acknowledgement before the producer's deadline")
             else:
-                results[index] = ACKNOWLEDGED if future.succeeded() else _failed(future.exception)
+                results[index] = (ACKNOWLEDGED if future.succeeded()
+                                  else _failed(future.exception, sending.topics[index]))
         return every_outcome(results, Delivery(False, "no outcome"))
 
     def close(self) -> None:
@@ -230,13 +231,13 @@ class KafkaPublisher:
         config = dict(self._config)
         if bootstrap_ms is not None:
             config["bootstrap_timeout_ms"] = bootstrap_ms
-        with _connection_failures() as failures:
+        with connection_failures() as failures:
             try:
                 self._producer = KafkaProducer(**config)
             except kafka_errors.KafkaTimeoutError:
                 # kafka-python says only "Unable to bootstrap"; what the broker
                 # refused was logged on the way, and is the line worth showing.
-                _raise_refusal(failures, self._config)
+                raise_refusal(failures, self._config)
                 raise
             except (kafka_errors.KafkaConfigurationError, ValueError, TypeError, AssertionError) as exc:
                 text = scrub(str(exc), self._config)
@@ -281,39 +282,6 @@ class KafkaPublisher:
         return missing
 
 
-_capture_lock = threading.Lock()
-
-
-@contextmanager
-def _connection_failures() -> Iterator[list[BaseException]]:
-    """The errors kafka-python logs (and then forgets) while it connects: a
-    refused SASL login or TLS handshake is only ever a log line there."""
-    logger = logging.getLogger("kafka.net.manager")
-    failures: list[BaseException] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            failures.extend(a for a in record.args or () if isinstance(a, BaseException))
-
-    # A failed bootstrap connection is logged at WARNING, a later one at ERROR.
-    handler = Collect(logging.WARNING)
-    with _capture_lock:
-        quiet = not logger.isEnabledFor(logging.WARNING)
-        level, propagate = logger.level, logger.propagate
-        if quiet:  # the daemon silences kafka-python; keep it silent, but listen
-            logger.setLevel(logging.WARNING)
-            logger.propagate = False
-        logger.addHandler(handler)
-    try:
-        yield failures
-    finally:
-        with _capture_lock:
-            logger.removeHandler(handler)
-            if quiet:
-                logger.setLevel(level)
-                logger.propagate = propagate
-
-
 def _which_setting(text: str, overrides: Mapping[str, Any]) -> str:
     """The OUTBOX_KAFKA_* variable a client's complaint is about: the one whose
     name or (non-secret) value it quotes."""
@@ -322,15 +290,6 @@ def _which_setting(text: str, overrides: Mapping[str, Any]) -> str:
                             and value in text):
             return f"OUTBOX_KAFKA_{name.upper()}"
     return "OUTBOX_KAFKA_*"
-
-
-def _raise_refusal(failures: Sequence[BaseException], config: Mapping[str, Any]) -> None:
-    for exc in failures:
-        detail = scrub(str(exc).rpartition(": ")[2] or type(exc).__name__, config)
-        if isinstance(exc, (kafka_errors.SaslAuthenticationFailedError, kafka_errors.AuthorizationError)):
-            raise refused_login(detail) from None
-        if "Handshake failed" in str(exc) or "SSL" in type(exc).__name__:
-            raise refused_tls(detail) from None
 
 
 def _close_producer(producer: KafkaProducer, *, force: bool = False) -> None:
@@ -362,8 +321,10 @@ def _close_producer(producer: KafkaProducer, *, force: bool = False) -> None:
     producer._closed = True  # its __del__ would try (and fail) to flush again
 
 
-def _failed(exc: BaseException | None) -> Delivery:
+def _failed(exc: BaseException | None, topic: str = "") -> Delivery:
     if exc is None:
         return Delivery(False, "unknown delivery failure")
+    if isinstance(exc, kafka_errors.TopicAuthorizationFailedError):
+        return not_authorized_topic(", ".join(refused_names(exc, [topic or str(exc)])))
     retriable = not isinstance(exc, (*PERMANENT_ERRORS, ValueError, TypeError))
     return Delivery(False, f"{type(exc).__name__}: {exc}", retriable=retriable)

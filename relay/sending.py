@@ -4,18 +4,16 @@ Both `relay/kafka.py` and `relay/confluent.py` send a batch through
 `send_in_key_order` (a refused message holds back the rest of its key),
 bound their wait with `give_up_after`, fill in `every_outcome`, refuse
 unsafe producer settings with `require_safe_delivery`, and turn a refused
-login or handshake into one `ConfigError`. Every error here names the
-OUTBOX_KAFKA_* variable to change, whatever the client calls the setting,
-and passes the client's text through `scrub` first: no secret leaves here.
+login or handshake into one `ConfigError` with `outbox.kafka_refusals` (shared
+with the consumer). Every error names the OUTBOX_KAFKA_* variable to change,
+whatever the client calls the setting.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Collection, Sequence
 
-from outbox.config import is_secret
-from outbox.errors import ConfigError, mask_secrets
+from outbox.errors import ConfigError
 from relay.publisher import Delivery, Message
 
 HELD_BACK = Delivery(False, "held back behind a failed event of its key", attempted=False)
@@ -32,30 +30,17 @@ def missing_topic(topic: str) -> Delivery:
     )
 
 
-SASL_SETTINGS = ("OUTBOX_KAFKA_SECURITY_PROTOCOL, OUTBOX_KAFKA_SASL_MECHANISM, "
-                 "OUTBOX_KAFKA_SASL_PLAIN_USERNAME, OUTBOX_KAFKA_SASL_PLAIN_PASSWORD")
-SSL_SETTINGS = "OUTBOX_KAFKA_SECURITY_PROTOCOL, OUTBOX_KAFKA_SSL_CAFILE, OUTBOX_KAFKA_SSL_*"
-
-
-def refused_login(detail: str) -> ConfigError:
-    return ConfigError(
-        "OUTBOX_KAFKA_SASL_PLAIN_PASSWORD",
-        f"the broker refused the SASL login ({detail}); check {SASL_SETTINGS}",
+def not_authorized_topic(topic: str) -> Delivery:
+    """The outcome for a message the broker's ACLs do not let this user write: the
+    event's own failure (counted, parked at max_attempts), not an outage, and not a
+    reason to stop the relay, whose other topics may well be allowed."""
+    return Delivery(
+        False,
+        f"TopicAuthorizationFailed: the broker's ACLs do not allow this relay's user "
+        f"(OUTBOX_KAFKA_SASL_PLAIN_USERNAME) to write topic {topic}; grant WRITE on it, "
+        "then replay the parked events: outbox parked replay",
+        retriable=False,
     )
-
-
-def refused_tls(detail: str) -> ConfigError:
-    return ConfigError(
-        "OUTBOX_KAFKA_SSL_CAFILE", f"the TLS handshake with the broker failed ({detail}); check {SSL_SETTINGS}"
-    )
-
-
-def scrub(text: str, config: Mapping[str, Any]) -> str:
-    """A client's error text with the values of secret settings masked as well."""
-    for name, value in config.items():
-        if is_secret(name) and isinstance(value, str) and value:
-            text = text.replace(value, "***")
-    return mask_secrets(text)
 
 
 def require_safe_delivery(*, acks: object, idempotence: object, in_flight: object, retries: object) -> None:

@@ -29,7 +29,10 @@ import atexit
 import contextlib
 import importlib
 import os
+import re
+import signal
 import threading
+import time
 import warnings
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -53,6 +56,7 @@ __all__ = [
     "is_devstack_managed",
     "kafka_bootstrap_servers",
     "kill_broker",
+    "pause_broker",
     "rabbitmq_url",
     "rabbitmqctl",
     "require_devstack",
@@ -359,6 +363,22 @@ def kill_broker(node: int) -> None:
 def start_broker(node: int) -> None:
     """Start broker ``node`` (1..3) of the 3-broker cluster and wait until it serves metadata."""
     devstack("broker-start", _node(node))
+
+
+def pause_broker(node: int, seconds: float) -> None:
+    """SIGSTOP broker ``node`` for ``seconds``, then SIGCONT: a broker that stops
+    answering without closing a connection, as a network partition looks to its
+    clients (requests time out, the controller fences it after its session)."""
+    status = devstack("cluster-status")
+    found = re.search(rf"broker {_node(node)} running on \S+ \(pid (\d+)\)", status)
+    if found is None:
+        raise ServicesError(f"broker {node} is not running:\n{status}")
+    pid = int(found.group(1))
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        time.sleep(seconds)
+    finally:
+        os.kill(pid, signal.SIGCONT)
 
 
 def _node(node: int) -> str:

@@ -7,6 +7,8 @@ min.insync.replicas 2), while a seeded controller breaks things underneath:
     pause-relay      SIGSTOP a relay for longer than its shard lease, then SIGCONT
     pause-ledger     SIGSTOP a ledger for longer than its group session, then SIGCONT
     kill-broker      SIGKILL one Kafka broker, start it again
+    pause-broker     SIGSTOP one broker for longer than a lease and its broker session
+                     (it stops answering but keeps its connections: a partition's face)
     restart-db       crash PostgreSQL (immediate stop) and start it again
     cut-connections  terminate every database connection of the relays and ledgers
 
@@ -42,7 +44,8 @@ SECONDS = float(os.environ.get("OUTBOX_FAULTS_SECONDS", "60"))
 SEED = int(os.environ.get("OUTBOX_FAULTS_SEED", "2026"))
 RELAYS, LEDGERS = 3, 2
 LEASE_TTL = 3.0
-RATE = 20.0  # payments per second offered (about 60 events per second)
+# Payments per second offered (about 3 events each); the long run may raise it.
+RATE = float(os.environ.get("OUTBOX_FAULTS_RATE", "20"))
 
 
 @dataclass
@@ -57,7 +60,7 @@ class Controller:
     """Injects one fault at a time, at seeded random moments, and records it."""
 
     KINDS = ("kill-relay", "kill-ledger", "pause-relay", "pause-ledger", "kill-broker",
-             "restart-db", "cut-connections")
+             "pause-broker", "restart-db", "cut-connections")
 
     def __init__(self, system: PaymentsSystem, rng: random.Random, database_url: str) -> None:
         self.system, self.rng = system, rng
@@ -125,6 +128,10 @@ class Controller:
             services.kill_broker(node)
             time.sleep(2)
             services.start_broker(node)
+            return self._record(Fault(kind, f"broker-{node}", at))
+        elif kind == "pause-broker":
+            node = rng.randint(1, 3)
+            services.pause_broker(node, LEASE_TTL + 5)
             return self._record(Fault(kind, f"broker-{node}", at))
         elif kind == "restart-db":
             services.restart_postgres()
