@@ -9,7 +9,7 @@ do its own job on the kit's tables, and nothing else (`outbox db grants`).
               pg_temp last, so no object a writer creates can stand in for one
               of the kit's).
     relay     reads, counts attempts on and deletes outbox_event, parks into
-              outbox_parked, bumps outbox_counter, holds its leases
+              outbox_parked, bumps outbox_counter (m and its rate buckets), holds its leases
               (outbox_relay_lease, outbox_relay_member). No inbox, no dead letters.
     consumer  its inbox (claim, look up, un-claim) and dead letters (park). No
               outbox table: a handler that publishes follow-up events needs the
@@ -55,8 +55,9 @@ _WRITER = [("INSERT", outbox_event.name)]
 _RELAY = [
     ("SELECT", VERSION_TABLE),  # both check the schema's revision at start
     ("SELECT, DELETE, UPDATE (attempts, last_error)", outbox_event.name),
-    ("INSERT", outbox_parked.name),
-    ("SELECT, UPDATE", outbox_counter.name),
+    ("SELECT, INSERT", outbox_parked.name),  # SELECT: the backlog gauges count parked events
+    # m, and its 10-second buckets behind the publish rate (made and pruned by the delete)
+    ("SELECT, INSERT, UPDATE, DELETE", outbox_counter.name),
     ("SELECT, UPDATE", outbox_relay_lease.name),
     ("SELECT, INSERT, UPDATE, DELETE", outbox_relay_member.name),
 ]
