@@ -330,7 +330,8 @@ class Consumer:
         if self._closed:
             raise OutboxError("consumer is closed")
         # Kafka's client also gives the lag per partition; other sources have none.
-        self.observer.polling(getattr(self._offsets, "client", None), polled=self._polled)
+        self.observer.polling(getattr(self._offsets, "client", None), polled=self._polled,
+                              outage=self._offsets.outage)
         if not self._database_checked:
             self._deadline = time.monotonic() + self._budget
             if not self._check_database():

@@ -113,6 +113,9 @@ def kafka_consumer_settings(
         "auto_offset_reset": "earliest",
         "isolation_level": "read_committed",
         "max_poll_records": config.poll_batch_size,
+        # A broker down at start is waited out by the source (outbox/offsets.py),
+        # in steps this long: kafka-python's 30 s would hold up stop() and SIGTERM.
+        "bootstrap_timeout_ms": 5_000,
     }
     # OUTBOX_KAFKA_* is shared with the relay's producer: take only what a
     # consumer understands (acks, linger_ms... are the producer's).

@@ -17,7 +17,7 @@ itself, with /livez and /readyz:
     live    the loop polled or backed off within `liveness_timeout` (a
             database outage is waited out, so it stays live)
     ready   it polled (is in its group, with partitions or waiting for them),
-            the loop is not waiting for the database, and the probes (every
+            the loop is not waiting for the database or the broker, and the probes (every
             few seconds, on a thread of their own: `SELECT 1`, and the
             broker's metadata through a client of its own) answer
 
@@ -63,6 +63,7 @@ class ConsumerObserver:
         self._engine = engine
         self._lag_read_at = 0.0
         self._polled = False
+        self._outage: str | None = None
         self._children: dict[tuple[Any, str], Any] = {}
         self._endpoints: Endpoints | None = None
         self._ticker: Ticker | None = None
@@ -76,10 +77,15 @@ class ConsumerObserver:
         self.health.beat()
         metrics.CONSUMER_HEARTBEAT.labels(self.group).set(time.time())
 
-    def polling(self, client: Any, *, polled: bool) -> None:
+    def polling(self, client: Any, *, polled: bool, outage: str | None = None) -> None:
         """The loop is about to poll; `polled`: it has polled before (in the group, or
-        waiting for partitions); `client`: Kafka's KafkaConsumer, for the lag, or None."""
+        waiting for partitions); `client`: Kafka's KafkaConsumer, for the lag, or None;
+        `outage`: why its source is waiting out the broker, or None."""
         self.beat()
+        if outage != self._outage:
+            self._outage = outage
+            self.health.problem("transport", outage)
+            self._update_ready()
         if not polled:
             return
         if not self._polled:

@@ -8,7 +8,7 @@
             probes below, every few seconds, from a thread of their own),
             the loop is not waiting out an outage, and it has started.
 
-Problems are named (`start`, `loop`, `database`, `broker`) so that each
+Problems are named (`start`, `loop`, `database`, `broker`, `transport`) so that each
 source sets and clears only its own; /readyz shows the first one, as one
 line of JSON. `outbox.endpoints` serves both; this module does no HTTP.
 """
@@ -73,7 +73,7 @@ class Health:
             return f"{name}: {self._problems[name]}"
 
 
-_ORDER = {"start": 0, "loop": 1, "database": 2, "broker": 3}
+_ORDER = {"start": 0, "loop": 1, "database": 2, "broker": 3, "transport": 4}
 
 
 def _rank(name: str) -> int:

@@ -13,6 +13,7 @@ before that poll.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -46,6 +47,9 @@ class GroupOffsets:
         self.client: Any = None  # KafkaConsumer, untyped
         self.pending: dict[TopicPartition, int] = {}  # next offset to commit, per partition
         self._settings = dict(settings)
+        self._outage: str | None = None
+        self._outage_started: float | None = None
+        self._failures = 0
 
     @property
     def time_budget(self) -> float:
@@ -60,8 +64,8 @@ class GroupOffsets:
 
     def poll(self, timeout_ms: int, max_records: int) -> dict[TopicPartition, list[KafkaRecord]]:
         self.commit()  # a commit that failed last time, before a poll can rebalance
-        client = self._client()
         try:
+            client = self._client()
             batch: dict[TopicPartition, list[KafkaRecord]] = client.poll(
                 timeout_ms=timeout_ms, max_records=max_records
             )
@@ -69,12 +73,46 @@ class GroupOffsets:
             raise self._not_authorized("group", [self.group]) from None
         except kafka_errors.TopicAuthorizationFailedError as exc:
             raise self._not_authorized("topic", refused_names(exc, self.topics)) from None
+        except KafkaError as exc:
+            # kafka-python 3 raises connection errors out of poll() while it looks
+            # for the group coordinator. An outage is the source's to wait out
+            # (outbox/source.py): nothing was handed out, the client stays usable.
+            if not _transient(exc):
+                raise
+            self._wait_out(exc, timeout_ms)
+            return {}
+        self._recovered()
         # A topic the user may not describe looks missing to kafka-python, which
         # logs its metadata error once and then waits on it forever, silently.
         refused = set(getattr(getattr(client, "_cluster", None), "unauthorized_topics", ()) or ())
         if refused & set(self.topics):
             raise self._not_authorized("topic", refused & set(self.topics))
         return batch
+
+    @property
+    def outage(self) -> str | None:
+        """Why the broker is being waited out (one line), or None."""
+        return self._outage
+
+    def _wait_out(self, exc: KafkaError, timeout_ms: int) -> None:
+        self._failures += 1
+        if self._outage_started is None:
+            self._outage_started = time.monotonic()
+            log.warning("kafka unavailable to the consumer, waiting for it; nothing is handed out "
+                        "until it answers: group=%s reason=%s", self.group, describe_error(exc))
+        else:
+            log.debug("kafka still unavailable: %s", describe_error(exc))
+        self._outage = f"waiting for the broker: {describe_error(exc)}"
+        # The poll's own wait, doubled each failure up to 5 s: no hot loop on run_once(0).
+        time.sleep(min(max(timeout_ms / 1000, 0.1) * 2 ** min(self._failures - 1, 6), 5.0))
+
+    def _recovered(self) -> None:
+        if self._outage_started is not None:
+            log.info("kafka available to the consumer again after %.1fs: group=%s",
+                     time.monotonic() - self._outage_started, self.group)
+            self._outage_started = None
+        self._outage = None
+        self._failures = 0
 
     def done(self, record: KafkaRecord) -> int:
         """`record`'s transaction committed: its offset may follow. Returns the next offset."""
@@ -163,3 +201,8 @@ class _RebalanceListener(ConsumerRebalanceListener):  # type: ignore[misc]  # ka
 
 def _partitions(tps: Sequence[TopicPartition]) -> str:
     return ",".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(tps))
+
+
+def _transient(exc: KafkaError) -> bool:
+    """A broker that does not answer (yet): connection refused, timed out, no coordinator."""
+    return bool(getattr(exc, "retriable", False)) or isinstance(exc, kafka_errors.NoBrokersAvailable)

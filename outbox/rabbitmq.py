@@ -151,6 +151,7 @@ class RabbitMQSource:
         self._outstanding: set[int] = set()  # delivery tags of this channel not yet acked
         self._queues = {t.queue(i): (t.topic, i) for t in self._topologies for i in range(t.queues)}
         self._outage_started: float | None = None
+        self._outage: str | None = None
         self._failures = 0
         self._retry_at = 0.0
 
@@ -159,6 +160,11 @@ class RabbitMQSource:
                 f"per queue")
 
     # -- the MessageSource contract ---------------------------------------------
+
+    @property
+    def outage(self) -> str | None:
+        """Why the broker is being waited out (one line), or None."""
+        return self._outage
 
     def poll(self, timeout_ms: int, max_records: int) -> dict[TopicPartition, list[RabbitMQRecord]]:
         import pika.exceptions as pe
@@ -308,6 +314,7 @@ class RabbitMQSource:
         self._drop()
         self._failures += 1
         self._retry_at = time.monotonic() + self._backoff_delay()
+        self._outage = f"waiting for the broker: {describe_error(exc)}"
         if self._outage_started is None:
             self._outage_started = time.monotonic()
             log.warning("rabbitmq unavailable, reconnecting with backoff; unacknowledged messages "
@@ -326,6 +333,7 @@ class RabbitMQSource:
         if self._outage_started is not None:
             log.info("rabbitmq available again after %.1fs", time.monotonic() - self._outage_started)
             self._outage_started = None
+        self._outage = None
         self._failures = 0
 
     def _drop(self) -> None:

@@ -16,7 +16,8 @@ A source promises:
 - `give_back`: records polled but not done are delivered again by a later
   poll, before anything after them in their group.
 - Outages of the broker are the source's own to wait out: a poll during one
-  returns nothing. Settings the broker refuses raise `ConfigError`.
+  returns nothing, and `outage` says why in one line (None when the broker
+  answers; readiness shows it). Settings the broker refuses raise `ConfigError`.
 - `time_budget`: seconds one polled batch may take before it must be given
   back (Kafka: half of max.poll.interval.ms; RabbitMQ: well inside the
   connection heartbeat). `describe()`: one log line, secrets masked.
@@ -38,6 +39,9 @@ class MessageSource(Protocol):
     def time_budget(self) -> float: ...
 
     def describe(self) -> str: ...
+
+    @property
+    def outage(self) -> str | None: ...
 
     def poll(self, timeout_ms: int, max_records: int) -> Mapping[Any, Sequence[KafkaRecord]]: ...
 

@@ -78,9 +78,14 @@ class RelayConfig:
             raise ConfigError("poll_interval", f"{self.poll_interval} is out of range 0.01..60 s")
         if not 1 <= self.max_attempts <= 1000:
             raise ConfigError("max_attempts", f"{self.max_attempts} is out of range 1..1000")
-        if not 0 < self.backoff_initial <= self.backoff_max <= 600:
+        # Each check names the one value that is wrong, so that the error can name
+        # the variable it came from (outbox.config.settings_from_env).
+        if not 0 < self.backoff_initial <= 600:
+            raise ConfigError("backoff_initial", f"{self.backoff_initial} is out of range (0..600] s")
+        if not self.backoff_initial <= self.backoff_max <= 600:
             raise ConfigError(
-                "backoff_initial", "need 0 < backoff_initial <= backoff_max <= 600 seconds"
+                "backoff_max", f"{self.backoff_max} must lie between the initial backoff "
+                f"({self.backoff_initial} s, OUTBOX_RELAY_BACKOFF_INITIAL) and 600 s",
             )
         if not 0 <= self.linger_ms <= 1000:
             raise ConfigError("linger_ms", f"{self.linger_ms} is out of range 0..1000 ms")

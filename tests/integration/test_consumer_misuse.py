@@ -602,6 +602,54 @@ def test_database_down_at_start_is_waited_out_with_one_line_then_consumed(
     assert lines[1].startswith("database available again after")
 
 
+def test_broker_down_at_start_is_waited_out_with_one_line_then_consumed(
+    clean_db: Engine, bootstrap_servers: str, topic: str, group: str, effects: Engine,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # kafka-python 3 raises connection errors out of KafkaConsumer() and poll();
+    # they once ended run() (and with it the consumer's /readyz). Bootstrapping
+    # through a proxy that refuses, then lets through, makes one happen at will.
+    caplog.set_level(logging.INFO, logger="outbox.consumer")
+    host, port = bootstrap_servers.split(",")[0].rsplit(":", 1)
+    proxy = FlakyProxy((host, int(port)))
+    proxy.cut()
+    event_id, message = cloud_event()
+    produce(bootstrap_servers, topic, [(0, message)])
+    consumer = Consumer(clean_db, group=group, topics=[topic], handler=record_effect,
+                        bootstrap_servers=f"127.0.0.1:{proxy.port}", config=FAST_CONFIG,
+                        **FAST_KAFKA)
+    thread = threading.Thread(target=consumer.run, name="consumer", daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while consumer.observer.health.ready() is None or "transport" not in str(
+                consumer.observer.health.ready()):
+            assert thread.is_alive(), "the consumer loop ended on a broker outage"
+            assert time.monotonic() < deadline, consumer.observer.health.ready()
+            time.sleep(0.2)
+        ready = str(consumer.observer.health.ready())
+        assert ready.startswith("transport: waiting for the broker") and "\n" not in ready, ready
+        time.sleep(6)  # more than one bootstrap attempt: still one WARNING
+        assert thread.is_alive()
+        proxy.up = True
+        deadline = time.monotonic() + 90
+        while consumer.stats.applied < 1:
+            assert thread.is_alive(), "the consumer loop ended on a broker outage"
+            assert time.monotonic() < deadline, "not consumed after the broker answered"
+            time.sleep(0.2)
+    finally:
+        consumer.stop()
+        thread.join(30)
+        proxy.close()
+    assert not thread.is_alive()
+    assert effect_rows(effects, topic) == [event_id]
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("kafka ")]
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("kafka unavailable to the consumer, waiting for it")
+    assert "Unable to bootstrap" in lines[0]
+    assert lines[1].startswith("kafka available to the consumer again after")
+
+
 # -- kafka-python's DEBUG logs ------------------------------------------------------------
 
 

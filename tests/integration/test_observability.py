@@ -128,7 +128,15 @@ def test_backlog_age_counts_the_oldest_waiting_event(
 
 @contextmanager
 def _consumer_thread(consumer: Consumer) -> Iterator[None]:
-    thread = threading.Thread(target=consumer.run, name="consumer", daemon=True)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            consumer.run()
+        except BaseException as exc:  # an outage must never end the loop: say so, not time out
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, name="consumer", daemon=True)
     thread.start()
     try:
         yield
@@ -136,6 +144,7 @@ def _consumer_thread(consumer: Consumer) -> Iterator[None]:
         consumer.stop()
         thread.join(timeout=30)
         assert not thread.is_alive()
+        assert not errors, f"the consumer loop ended: {errors[0]!r}"
 
 
 def test_consumer_metrics_move_with_applies_duplicates_retries_and_dead_letters(
