@@ -171,13 +171,18 @@ class GroupOffsets:
             # Learn the topics' partitions before joining: a group leader whose
             # metadata lacks a topic assigns nobody its partitions, and the group
             # only notices at the next metadata refresh (minutes later).
-            for topic in self.topics:
-                if not client.partitions_for_topic(topic):
-                    log.warning("topic %s does not exist (yet); consuming it once it does", topic)
-            client.subscribe(topics=list(self.topics), listener=_RebalanceListener(self))
+            try:
+                for topic in self.topics:
+                    if not client.partitions_for_topic(topic):
+                        log.warning("topic %s does not exist (yet); consuming it once it does", topic)
+                client.subscribe(topics=list(self.topics), listener=_RebalanceListener(self))
+            except BaseException:
+                # The broker went away in between: the next poll makes a new client,
+                # so this one (and its IO thread) must not be left behind.
+                client.close(autocommit=False)
+                raise
             self.client = client
         return self.client
-
 
     def _not_authorized(self, what: str, names: Sequence[str] | set[str]) -> Exception:
         return not_authorized(what, names, "read", self._settings.get("sasl_plain_username"))

@@ -141,11 +141,13 @@ def test_a_wrong_sasl_password_exits_at_start_with_one_line_naming_the_setting(
             "OUTBOX_KAFKA_SASL_PLAIN_USERNAME": SASL_USERNAME,
             "OUTBOX_KAFKA_SASL_PLAIN_PASSWORD": wrong,
         },
+        # It exits on its own (an outage would be waited out for ever); the bound
+        # is generous because start-up alone took 15-20 s on a loaded CI machine.
+        timeout=60,
     )
     line = _refusal(exited)
     assert "OUTBOX_KAFKA_SASL_PLAIN_PASSWORD" in line and "refused the SASL login" in line
     assert wrong not in exited.output
-    assert exited.seconds < 20, exited.output[-3000:]
 
 
 def test_the_right_sasl_password_publishes_through_the_sasl_listener(
