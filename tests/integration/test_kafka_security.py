@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 from kafka import KafkaProducer
+from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.errors import TopicAuthorizationFailedError
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
@@ -35,6 +36,8 @@ from harness import devstack
 from outbox.errors import ConfigError
 from outbox.parked import list_parked
 from outbox.schema import outbox_event
+from tests import services
+from tests.integration.conftest import _wait_for_leaders
 from tests.kafka_helpers import run_relay_until_exit, start_relay_process, stop_process, wait_until
 
 pytestmark = pytest.mark.integration
@@ -94,13 +97,13 @@ def consumer_as(
 
     def make(topic: str, handler: Callable[..., None], *, group: str | None = None,
              username: str = SSL.consumer_username, password: str = SSL.consumer_password,
-             cafile: str = SSL.cafile) -> outbox.Consumer:
+             cafile: str = SSL.cafile, servers: str = SSL.servers) -> outbox.Consumer:
         for name, value in {**kafka_env(username, password, cafile=cafile),
                             "OUTBOX_KAFKA_BOOTSTRAP_TIMEOUT_MS": "5000"}.items():
             monkeypatch.setenv(name, value)
         consumer = outbox.Consumer(
             engine, group=group or f"{SSL.group_prefix}ledger-{uuid.uuid4().hex[:8]}",
-            topics=[topic], handler=handler, bootstrap_servers=SSL.servers,
+            topics=[topic], handler=handler, bootstrap_servers=servers,
         )
         made.append(consumer)
         return consumer
@@ -127,6 +130,46 @@ def test_events_go_through_sasl_ssl_from_the_relay_to_a_consumer(
     wait_until(lambda: consumer.run_once(500) >= 0 and seen >= ids, timeout=60, what="all 20 consumed")
     assert seen == ids
     assert SSL.relay_password not in log.read_text()
+
+
+@pytest.fixture(scope="module")
+def cluster_admin() -> Iterator[KafkaAdminClient]:
+    """The 3-broker cluster (its PLAINTEXT listener, for topic admin only), stopped after."""
+    admin = KafkaAdminClient(bootstrap_servers=services.cluster_bootstrap_servers())
+    yield admin
+    admin.close()
+    services.stop_cluster()
+
+
+@pytest.mark.parametrize("publisher", PUBLISHERS)
+def test_events_go_through_sasl_ssl_on_the_three_broker_cluster_with_replication_factor_3(
+    clean_db: Engine, database_url: str, cluster_admin: KafkaAdminClient,
+    consumer_as: Callable[..., outbox.Consumer], publisher: str, tmp_path: object,
+) -> None:
+    # Every broker's SASL_SSL listener has its own certificate from the devstack CA;
+    # the relay and the consumer learn the other brokers from metadata, so a
+    # hostname check or a listener missing on one broker fails here, not in production.
+    topic = f"{SSL.topic_prefix}cluster-{uuid.uuid4().hex[:8]}"
+    cluster_admin.create_topics([NewTopic(topic, 6, 3, topic_configs={"min.insync.replicas": "2"})])
+    _wait_for_leaders(cluster_admin, topic, 6)
+    try:
+        ids = _write(clean_db, topic, 60)
+        log = tmp_path / "relay.log"  # type: ignore[operator]
+        relay = start_relay_process(database_url, SSL.cluster_servers,
+                                    extra_env=relay_env(publisher), log_path=log)
+        try:
+            wait_until(lambda: _backlog(clean_db) == 0, timeout=90, what="the relay to drain the outbox")
+        finally:
+            assert stop_process(relay) == 0
+        seen: list[uuid.UUID] = []
+        consumer = consumer_as(topic, lambda session, event: seen.append(event.id),
+                               servers=SSL.cluster_servers)
+        wait_until(lambda: consumer.run_once(500) >= 0 and set(seen) >= ids, timeout=90,
+                   what="all 60 consumed from the cluster")
+        assert sorted(seen) == sorted(ids)  # each once
+        assert SSL.relay_password not in log.read_text()
+    finally:
+        cluster_admin.delete_topics([topic])
 
 
 @pytest.mark.parametrize("publisher", PUBLISHERS)
