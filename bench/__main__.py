@@ -23,6 +23,7 @@ from typing import Any
 
 from bench import (
     backlog_scale,
+    batch_size,
     charts,
     consumer_throughput,
     latency,
@@ -41,6 +42,7 @@ from harness import devstack
 MEASUREMENTS: dict[str, Callable[[BenchEnv, Sizes], Section]] = {
     "write": write_cost.run,
     "relay": relay_throughput.run,
+    "batch": batch_size.run,
     "backlog": backlog_scale.run,
     "latency": latency.run,
     "consumer": consumer_throughput.run,
