@@ -119,7 +119,12 @@ def describe_error(exc: BaseException, *, limit: int = 500) -> str:
 
 def first_line(exc: BaseException | None) -> str:
     """The first line of an exception's message, secrets masked (see `describe_error`)."""
-    lines = str(exc).replace("\x00", "\\x00").strip().splitlines() if exc is not None else []
+    text = str(exc) if exc is not None else ""
+    if exc is not None and not text.strip() and exc.args:
+        # Some clients (pika's AMQPConnectionError) print as nothing and keep the
+        # reason in their arguments: "ConnectionRefusedError(111, ...)" says what is wrong.
+        text = ", ".join(str(arg).strip() or repr(arg) for arg in exc.args)
+    lines = text.replace("\x00", "\\x00").strip().splitlines()
     return mask_secrets(lines[0] if lines else "")
 
 

@@ -142,3 +142,21 @@ def test_the_readers_errors_name_the_variable(raw: str, message: str) -> None:
 def test_a_keyword_argument_out_of_range_names_the_field() -> None:
     with pytest.raises(ConfigError, match=r"^attempts: "):
         settings_from_env(_Example, "OUTBOX_EXAMPLE_", {}, attempts=0)
+
+
+def test_describe_error_falls_back_to_the_arguments_of_an_error_that_prints_as_nothing() -> None:
+    # pika's AMQPConnectionError: str() is empty, the reason is an argument whose str() is too.
+    class Silent(Exception):
+        def __str__(self) -> str:
+            return ""
+
+    class Reason(Exception):
+        def __str__(self) -> str:
+            return ""
+
+        def __repr__(self) -> str:
+            return "Reason: ConnectionRefusedError(111, 'Connection refused') amqp://u:pw@h/v"
+
+    text = describe_error(Silent(Reason()))
+    assert text.endswith("Silent: Reason: ConnectionRefusedError(111, 'Connection refused') amqp://u:***@h/v")
+    assert describe_error(Silent()).endswith("Silent: ")  # nothing to say: the type alone
