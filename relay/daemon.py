@@ -16,13 +16,20 @@ import sys
 from collections.abc import Sequence
 from types import FrameType
 
-from outbox.errors import OutboxError
+from outbox.errors import ConfigError, OutboxError
 from outbox.kafka_logging import protect_kafka_logs
 from outbox.log_format import configure_daemon_logging, log_context
 from outbox.log_format import log_format as read_log_format
 from relay.config import RelayConfig
 from relay.options import add_arguments
 from relay.relay import Relay
+
+# RelayConfig fields that `outbox relay` also takes as options (relay/options.py).
+_OPTIONS = {
+    "database_url": "--database-url", "bootstrap_servers": "--bootstrap-servers",
+    "batch_size": "--batch-size", "poll_interval": "--poll-interval", "source": "--source",
+    "metrics_port": "--metrics-port", "metrics_host": "--metrics-host",
+}
 
 log = logging.getLogger("relay")
 
@@ -55,18 +62,17 @@ def run(args: argparse.Namespace) -> int:
     # Muted is not enough if a user turns it back on: the wire-level lines
     # (SASL bytes, records) stay redacted whatever the level.
     protect_kafka_logs()
+    options = {name: getattr(args, name) for name in _OPTIONS}
     try:
-        config = RelayConfig.from_env(
-            database_url=args.database_url,
-            bootstrap_servers=args.bootstrap_servers,
-            batch_size=args.batch_size,
-            poll_interval=args.poll_interval,
-            source=args.source,
-            metrics_port=args.metrics_port,
-            metrics_host=args.metrics_host,
-        )
+        config = RelayConfig.from_env(**options)
         log_context(relay_id=config.relay_id)
         relay = Relay(config)
+    except ConfigError as exc:
+        # A value given as an option is named as the option, not as the field.
+        if exc.field in _OPTIONS and options[exc.field] is not None:
+            exc = ConfigError(_OPTIONS[exc.field], str(exc).removeprefix(f"{exc.field}: "))
+        print(f"outbox relay: {exc}", file=sys.stderr)
+        return 2
     except OutboxError as exc:
         print(f"outbox relay: {exc}", file=sys.stderr)
         return 2

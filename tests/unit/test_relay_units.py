@@ -261,3 +261,21 @@ def test_the_command_line_runs_db_commands_without_importing_the_relay_daemon() 
     done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--metrics-port", "99999"], "outbox relay: --metrics-port: 99999 is out of range 0..65535 (0 = off)"),
+    (["--poll-interval", "100"], "outbox relay: --poll-interval: 100.0 is out of range 0.01..60 s"),
+    (["--batch-size", "20000"], "outbox relay: --batch-size: 20000 is out of range 1..10000"),
+])
+def test_a_relay_option_out_of_range_is_named_as_the_option(args: list[str], message: str) -> None:
+    # Refused before any connection: no service needed, and the password never shows.
+    import subprocess
+    import sys
+
+    env = {"PATH": "/usr/bin:/bin", "OUTBOX_DATABASE_URL": "postgresql+psycopg://u:opt-secret-9@db/x",
+           "OUTBOX_KAFKA_BOOTSTRAP_SERVERS": "k:9092"}
+    done = subprocess.run([sys.executable, "-m", "relay", *args], env=env, capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert (done.returncode, done.stderr.strip().splitlines()[-1]) == (2, message)
+    assert "opt-secret-9" not in done.stdout + done.stderr
