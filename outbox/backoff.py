@@ -25,6 +25,15 @@ def backoff(base: float, cap: float) -> wait_base:
     return wait_exponential(multiplier=base, max=cap) + wait_random(0, base)
 
 
+def backoff_delay(base: float, cap: float, attempt: int) -> float:
+    """Seconds to wait after failed attempt number `attempt` (1, 2, ...) on the
+    `backoff` curve, for a loop that counts its own failures instead of
+    running under tenacity's `Retrying`."""
+    state = RetryCallState(None, None, (), {})  # type: ignore[arg-type]  # only the count is read
+    state.attempt_number = attempt
+    return float(backoff(base, cap)(state))
+
+
 def next_retry(state: RetryCallState) -> tuple[BaseException | None, float]:
     """For a tenacity `before_sleep=` hook: the exception the failed attempt
     raised (None if it returned) and the seconds until the next attempt."""

@@ -298,8 +298,7 @@ def settings_from_env(
     except ConfigError as exc:
         if exc.field not in variables:
             raise
-        message = str(exc).removeprefix(f"{exc.field}: ")
-        raise ConfigError(variables[exc.field], message) from None
+        raise exc.named(variables[exc.field]) from None
 
 
 def parse_setting(name: str, raw: str, kind: object) -> Any:

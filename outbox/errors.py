@@ -35,7 +35,12 @@ class ConfigError(OutboxError, ValueError):
 
     def __init__(self, field: str, message: str) -> None:
         self.field = field
+        self.reason = message
         super().__init__(f"{field}: {message}")
+
+    def named(self, field: str) -> ConfigError:
+        """The same error, naming `field` (the variable or option the value came from)."""
+        return ConfigError(field, self.reason)
 
 
 class InvalidEventError(OutboxError, ValueError):

@@ -23,6 +23,7 @@ from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
+from outbox.backoff import backoff_delay
 from outbox.config import safe_kafka_config
 from outbox.errors import describe_error
 from outbox.kafka_refusals import connection_failures, not_authorized, raise_refusal, refused_names
@@ -103,8 +104,9 @@ class GroupOffsets:
         else:
             log.debug("kafka still unavailable: %s", describe_error(exc))
         self._outage = f"waiting for the broker: {describe_error(exc)}"
-        # The poll's own wait, doubled each failure up to 5 s: no hot loop on run_once(0).
-        time.sleep(min(max(timeout_ms / 1000, 0.1) * 2 ** min(self._failures - 1, 6), 5.0))
+        # The kit's outage curve from the poll's own wait, at most 5 s (so that stop()
+        # is never held up long); also no hot loop on run_once(0).
+        time.sleep(backoff_delay(max(timeout_ms / 1000, 0.1), 5.0, self._failures))
 
     def _recovered(self) -> None:
         if self._outage_started is not None:

@@ -55,9 +55,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from kafka.structs import TopicPartition
-from tenacity import RetryCallState
 
-from outbox.backoff import backoff
+from outbox.backoff import backoff_delay
 from outbox.config import env_bool, env_int, safe_url
 from outbox.consumer_config import ConsumerConfig
 from outbox.errors import ConfigError, describe_error
@@ -325,9 +324,7 @@ class RabbitMQSource:
 
     def _backoff_delay(self) -> float:
         """The kit's one outage curve (`outbox.backoff`), at this outage's attempt number."""
-        state = RetryCallState(None, None, (), {})  # type: ignore[arg-type]  # only the count is read
-        state.attempt_number = self._failures
-        return float(backoff(0.2, self._backoff_max)(state))
+        return backoff_delay(0.2, self._backoff_max, self._failures)
 
     def _recovered(self) -> None:
         if self._outage_started is not None:

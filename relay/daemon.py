@@ -24,12 +24,10 @@ from relay.config import RelayConfig
 from relay.options import add_arguments
 from relay.relay import Relay
 
-# RelayConfig fields that `outbox relay` also takes as options (relay/options.py).
-_OPTIONS = {
-    "database_url": "--database-url", "bootstrap_servers": "--bootstrap-servers",
-    "batch_size": "--batch-size", "poll_interval": "--poll-interval", "source": "--source",
-    "metrics_port": "--metrics-port", "metrics_host": "--metrics-host",
-}
+# RelayConfig fields that `outbox relay` also takes as options (relay/options.py),
+# each `--field-name` by argparse's own convention.
+_OPTIONS = ("database_url", "bootstrap_servers", "batch_size", "poll_interval", "source",
+            "metrics_port", "metrics_host")
 
 log = logging.getLogger("relay")
 
@@ -69,8 +67,8 @@ def run(args: argparse.Namespace) -> int:
         relay = Relay(config)
     except ConfigError as exc:
         # A value given as an option is named as the option, not as the field.
-        if exc.field in _OPTIONS and options[exc.field] is not None:
-            exc = ConfigError(_OPTIONS[exc.field], str(exc).removeprefix(f"{exc.field}: "))
+        if options.get(exc.field) is not None:
+            exc = exc.named("--" + exc.field.replace("_", "-"))
         print(f"outbox relay: {exc}", file=sys.stderr)
         return 2
     except OutboxError as exc:

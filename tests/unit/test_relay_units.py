@@ -115,6 +115,11 @@ def test_the_backoff_curve_doubles_from_base_up_to_cap_with_at_most_base_of_jitt
         waits = [wait(state) for _ in range(200)]
         assert all(steady <= w <= steady + 0.2 for w in waits), (attempt, min(waits), max(waits))
         assert max(waits) - min(waits) > 0.05  # jittered: relays restarted together drift apart
+    # The same curve for loops that count their own failures (the consumers' sources).
+    from outbox.backoff import backoff_delay
+
+    for attempt, steady in [(1, 0.2), (3, 0.8), (30, 1.0)]:
+        assert all(steady <= backoff_delay(0.2, 1.0, attempt) <= steady + 0.2 for _ in range(50))
 
 
 def test_the_relay_statements_take_their_table_names_from_the_schema() -> None:
