@@ -296,9 +296,10 @@ def settings_from_env(
     try:
         return cls(**values)
     except ConfigError as exc:
-        if exc.field not in variables:
-            raise
-        raise exc.named(variables[exc.field]) from None
+        for name in (exc.field, *exc.related):
+            if name in variables:
+                raise exc.named(variables[name]) from None
+        raise
 
 
 def parse_setting(name: str, raw: str, kind: object) -> Any:

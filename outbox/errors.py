@@ -33,9 +33,12 @@ class OutboxError(Exception):
 class ConfigError(OutboxError, ValueError):
     """A configuration value is missing, malformed or unsafe."""
 
-    def __init__(self, field: str, message: str) -> None:
+    def __init__(self, field: str, message: str, *, related: tuple[str, ...] = ()) -> None:
         self.field = field
         self.reason = message
+        # Other fields a check of several values is about: whichever of them the
+        # user set is the one to name (outbox.config.settings_from_env).
+        self.related = related
         super().__init__(f"{field}: {message}")
 
     def named(self, field: str) -> ConfigError:

@@ -84,8 +84,10 @@ class RelayConfig:
             raise ConfigError("backoff_initial", f"{self.backoff_initial} is out of range (0..600] s")
         if not self.backoff_initial <= self.backoff_max <= 600:
             raise ConfigError(
-                "backoff_max", f"{self.backoff_max} must lie between the initial backoff "
-                f"({self.backoff_initial} s, OUTBOX_RELAY_BACKOFF_INITIAL) and 600 s",
+                "backoff_max", f"the longest backoff {self.backoff_max} s (OUTBOX_RELAY_BACKOFF_MAX) "
+                f"must lie between the initial backoff {self.backoff_initial} s "
+                "(OUTBOX_RELAY_BACKOFF_INITIAL) and 600 s",
+                related=("backoff_initial",),
             )
         if not 0 <= self.linger_ms <= 1000:
             raise ConfigError("linger_ms", f"{self.linger_ms} is out of range 0..1000 ms")

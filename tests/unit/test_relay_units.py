@@ -210,8 +210,11 @@ def test_relay_config_repr_and_describe_never_show_a_secret() -> None:
      "OUTBOX_RELAY_METRICS_PORT: 70000 is out of range 0..65535 (0 = off)"),
     # A check of two values names the one that is wrong, i.e. the variable that was set.
     ("OUTBOX_RELAY_BACKOFF_MAX", "0.1",
-     "OUTBOX_RELAY_BACKOFF_MAX: 0.1 must lie between the initial backoff "
-     "(0.2 s, OUTBOX_RELAY_BACKOFF_INITIAL) and 600 s"),
+     "OUTBOX_RELAY_BACKOFF_MAX: the longest backoff 0.1 s (OUTBOX_RELAY_BACKOFF_MAX) must lie "
+     "between the initial backoff 0.2 s (OUTBOX_RELAY_BACKOFF_INITIAL) and 600 s"),
+    ("OUTBOX_RELAY_BACKOFF_INITIAL", "20",  # the check is about both: named as the one that was set
+     "OUTBOX_RELAY_BACKOFF_INITIAL: the longest backoff 10.0 s (OUTBOX_RELAY_BACKOFF_MAX) must lie "
+     "between the initial backoff 20.0 s (OUTBOX_RELAY_BACKOFF_INITIAL) and 600 s"),
     ("OUTBOX_RELAY_BACKOFF_INITIAL", "-1", "OUTBOX_RELAY_BACKOFF_INITIAL: -1.0 is out of range (0..600] s"),
 ])
 def test_a_relay_setting_out_of_range_names_its_variable(variable: str, raw: str, message: str) -> None:
