@@ -31,6 +31,7 @@ from bench import (
     relay_throughput,
     scale_out,
     services,
+    steady_cpu,
     write_cost,
 )
 from bench.env import BenchEnv
@@ -43,6 +44,7 @@ MEASUREMENTS: dict[str, Callable[[BenchEnv, Sizes], Section]] = {
     "write": write_cost.run,
     "relay": relay_throughput.run,
     "batch": batch_size.run,
+    "cpu": steady_cpu.run,
     "backlog": backlog_scale.run,
     "latency": latency.run,
     "consumer": consumer_throughput.run,

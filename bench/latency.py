@@ -52,7 +52,7 @@ def run(env: BenchEnv, sizes: Sizes) -> Section:
     consumer = procs.start_consumer(env, "consumer", [
         "--handler", "bench.effects:record_effect", "--database-url", env.database_url,
         "--bootstrap-servers", env.bootstrap_servers, "--topic", topic, "--group", group,
-        "--application-name", "outbox-bench-consumer", "--log-level", "WARNING",
+        "--application-name", "outbox-bench-consumer", "--log-level", "INFO",
     ])
     engine = env.engine(pool_size=4)
     cases: list[dict[str, Any]] = []

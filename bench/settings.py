@@ -16,6 +16,9 @@ class Sizes:
     relay_events: int = 1_000_000
     relay_batch_size: int = 500  # the relay's default
     relay_repeats: int = 1  # each relay/raw pair, interleaved; the best of each is reported
+    # 2d. relay CPU at a steady rate (each publisher, LISTEN and polling)
+    steady_cpu_rate: int = 500  # events/s offered, one per transaction
+    steady_cpu_seconds: float = 30.0
     # 3. backlog scale
     backlog_sizes: tuple[int, ...] = (10_000, 1_000_000, 10_000_000)
     backlog_measured: int = 100_000  # events drained and timed from each backlog
@@ -43,6 +46,7 @@ QUICK = Sizes(
     backlog_measured=10_000,
     steady_seconds=15.0,
     steady_rate=500,
+    steady_cpu_seconds=10.0,
     latency_loads=((200, 1, 10.0),),
     consumer_messages=4_000,
     scaleout_events=12_000,
