@@ -66,6 +66,9 @@ from relay.window import InFlight, Window
 
 log = logging.getLogger(__name__)
 
+# How often an idle relay waiting for a NOTIFY looks whether it was asked to stop.
+_STOP_CHECK_SECONDS = 0.25
+
 
 class BrokerUnavailable(Exception):
     """No event of a round was acknowledged and the errors were retriable: an outage."""
@@ -348,10 +351,17 @@ class Relay:
             self._sleep(self.config.poll_interval)
             return
         # Notifications that arrived while we were publishing are delivered at once.
+        # The wait is cut into slices: stop() cannot interrupt psycopg's wait, and
+        # SIGTERM must not wait out a poll interval of up to a minute.
         woken = False
-        for _ in conn.notifies(timeout=self.config.poll_interval, stop_after=1):
-            woken = True
-            break
+        deadline = time.monotonic() + self.config.poll_interval
+        while not woken and not self._stopping.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            for _ in conn.notifies(timeout=min(left, _STOP_CHECK_SECONDS), stop_after=1):
+                woken = True
+                break
         if woken and self.config.linger_ms:
             # Every committing transaction notifies; without a pause each commit
             # would cost a whole round (fetch, send, flush, delete) of its own.

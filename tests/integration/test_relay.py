@@ -86,6 +86,23 @@ def test_relay_publishes_cloudevents_in_commit_order(
     assert (stats.committed, stats.published, stats.backlog) == (300, 300, 0)
 
 
+def test_a_relay_started_on_a_backlog_publishes_at_once_and_stops_without_waiting_a_poll(
+    clean_db: Engine, database_url: str, bootstrap_servers: str, topic: str
+) -> None:
+    """Issue 11: the backlog's NOTIFYs were sent before the relay listened, so
+    only its first round can find them; with a 60 s poll interval a relay whose
+    first round came before its leases would sit for a minute. And stop()
+    (SIGTERM in the daemon) must not wait out that interval either."""
+    ids = _write(clean_db, topic, 200, keys=20)
+    config = RelayConfig(database_url=database_url, bootstrap_servers=bootstrap_servers,
+                         poll_interval=60.0, backoff_max=2.0)
+    with relay_thread(config):  # asserts that the relay stops within 30 s
+        wait_until(lambda: _backlog(clean_db) == 0, timeout=30,
+                   what="the backlog to drain before the first 60 s poll")
+    received = read_topic(bootstrap_servers, topic, expect=200)
+    assert sorted(r.event_id for r in received) == sorted(ids)
+
+
 def test_relay_headers_are_exactly_encode_headers_of_the_stored_event(
     clean_db: Engine, database_url: str, bootstrap_servers: str, topic: str
 ) -> None:
