@@ -308,6 +308,9 @@ class RabbitMQPublisher:
     def _connect(self) -> _Link:
         if self._link is not None and self._link.error is None:
             return self._link
+        if self._link is not None:  # lost between rounds (pika notices only while it runs)
+            error = self._link.error
+            log.warning("rabbitmq: connection lost (%s: %s); reconnecting", type(error).__name__, error)
         self.close()
         try:
             self._link = _Link(self._parameters, CONNECT_TIMEOUT)
