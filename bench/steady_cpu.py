@@ -13,10 +13,7 @@ endpoint (`outbox_relay_batch_events`: one observation per batch sent).
 
 from __future__ import annotations
 
-import re
-import socket
 import time
-import urllib.request
 import uuid
 from typing import Any
 
@@ -26,11 +23,10 @@ from bench.load import run_load
 from bench.machine import CpuMeter
 from bench.report import Row, Section
 from bench.settings import Sizes
+from harness.scrape import free_port, scrape
 
 NAME = "2d relay CPU, steady rate"
 MODES = (("LISTEN/NOTIFY", "true"), ("polling only", "false"))
-_COUNT = re.compile(r"^outbox_relay_batch_events_count(?:\{[^}]*\})? (\S+)$", re.M)
-_SUM = re.compile(r"^outbox_relay_batch_events_sum(?:\{[^}]*\})? (\S+)$", re.M)
 
 
 def run(env: BenchEnv, sizes: Sizes) -> Section:
@@ -68,7 +64,7 @@ def run(env: BenchEnv, sizes: Sizes) -> Section:
 def _measure(env: BenchEnv, engine: Any, *, publisher: str, mode: str, listen: str,
              rate: int, seconds: float) -> dict[str, Any]:
     topic = env.topic(f"cpu-{publisher}-{listen}")
-    port = _free_port()
+    port = free_port()
     relay_id = f"bench-{env.run_id}-cpu-{uuid.uuid4().hex[:4]}"
     relay = procs.start_relay(env, relay_id, listen=listen, publisher=publisher,
                               metrics_port=str(port), metrics_host="127.0.0.1")
@@ -102,25 +98,15 @@ def _measure(env: BenchEnv, engine: Any, *, publisher: str, mode: str, listen: s
 def _wait_drained(env: BenchEnv, relay: procs.Child, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     with env.connect() as conn:
-        while True:
-            row = conn.execute("SELECT count(*) FROM outbox_event").fetchone()
-            if row is not None and row[0] == 0:
-                return
+        while (left := env.backlog(conn)) > 0:
             relay.check_alive()
             if time.monotonic() > deadline:
-                raise RuntimeError(f"the relay left {row[0] if row else '?'} events after {timeout}s")
+                raise RuntimeError(f"the relay left {left} events after {timeout}s")
             time.sleep(0.2)
 
 
 def _batches(port: int) -> tuple[float, float]:
     """(batches sent, events in them) so far, from the relay's /metrics."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    return (sum(float(v) for v in _COUNT.findall(text)),
-            sum(float(v) for v in _SUM.findall(text)))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    samples = scrape(f"http://127.0.0.1:{port}")
+    return (sum(v for (name, _), v in samples.items() if name == "outbox_relay_batch_events_count"),
+            sum(v for (name, _), v in samples.items() if name == "outbox_relay_batch_events_sum"))
