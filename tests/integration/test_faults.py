@@ -32,7 +32,6 @@ the table in docs/faults-at-scale.md)
 
 from __future__ import annotations
 
-import os
 import random
 import threading
 import time
@@ -44,21 +43,23 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from examples.payments.system import Outcome, PaymentsSystem
+from outbox.config import env_float, env_int
 from tests import services
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
-SECONDS = float(os.environ.get("OUTBOX_FAULTS_SECONDS", "60"))
-SEED = int(os.environ.get("OUTBOX_FAULTS_SEED", "2026"))
+# Read as the kit reads its own settings: a wrong value names its variable.
+SECONDS = env_float("OUTBOX_FAULTS_SECONDS", 60.0, minimum=1.0)
+SEED = env_int("OUTBOX_FAULTS_SEED", 2026)
+# Payments per second offered (about 3 events each); the long run may raise it.
+RATE = env_float("OUTBOX_FAULTS_RATE", 20.0, minimum=0.1)
+# Writer threads: each payment is four transactions in a row, so under faults one
+# thread manages only a few per second; a higher rate needs more of them.
+WORKERS = env_int("OUTBOX_FAULTS_WORKERS", 4, minimum=1)
+# Faults of every kind at least this many times, however long that takes.
+PER_KIND = env_int("OUTBOX_FAULTS_PER_KIND", 1, minimum=1)
 RELAYS, LEDGERS = 3, 2
 LEASE_TTL = 3.0
-# Payments per second offered (about 3 events each); the long run may raise it.
-RATE = float(os.environ.get("OUTBOX_FAULTS_RATE", "20"))
-# Writer threads: each payment is four transactions in a row, so under faults one thread
-# manages only a few per second; a higher rate needs more of them.
-WORKERS = int(os.environ.get("OUTBOX_FAULTS_WORKERS", "4"))
-# Faults of every kind at least this many times, however long that takes.
-PER_KIND = int(os.environ.get("OUTBOX_FAULTS_PER_KIND", "1"))
 
 
 @dataclass
