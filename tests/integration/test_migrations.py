@@ -74,6 +74,22 @@ def test_check_fails_when_behind(at_head: Engine, database_url: str) -> None:
     assert "run `outbox db upgrade`" in check.stderr
 
 
+def _event_fillfactor(engine: Engine) -> str | None:
+    with engine.connect() as conn:
+        options = conn.execute(text("SELECT reloptions FROM pg_class WHERE relname = 'outbox_event'")).scalar()
+    return next((o.split("=")[1] for o in options or () if o.startswith("fillfactor=")), None)
+
+
+def test_the_event_table_leaves_room_for_the_commit_triggers_update(
+    at_head: Engine, database_url: str
+) -> None:
+    assert _event_fillfactor(at_head) == "50"
+    at_head.dispose()
+    assert outbox_cli(database_url, "db", "downgrade", "--revision", "0002_inbox").returncode == 0
+    assert _event_fillfactor(at_head) is None
+    assert outbox_cli(database_url, "db", "check").returncode == 1  # behind: upgrade again
+
+
 def test_offline_sql_for_a_dba(database_url: str) -> None:
     sql = outbox_cli(database_url, "db", "upgrade", "--sql")
     assert sql.returncode == 0, sql.stderr
@@ -85,7 +101,7 @@ def test_offline_sql_for_a_dba(database_url: str) -> None:
 def test_history_lists_every_revision(database_url: str) -> None:
     history = outbox_cli(database_url, "db", "history")
     assert history.returncode == 0
-    assert "0001_outbox" in history.stdout and "0002_inbox" in history.stdout
+    assert all(r in history.stdout for r in ("0001_outbox", "0002_inbox", "0003_event_fillfactor"))
 
 
 def test_a_wrong_password_is_one_clear_line_without_the_password(database_url: str) -> None:
