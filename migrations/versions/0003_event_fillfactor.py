@@ -14,9 +14,10 @@ that changed. Measured with pg_walinspect (`python -m bench --only wal`),
 transactions of 500 events of 200 bytes: 1,112 KiB of WAL per 1,000 events
 before, 759 after; one event per transaction was already 808 and stays so.
 
-The table does not grow for it: the old versions filled those pages before
-(they are dead once the transaction commits, and stay until vacuum), and the
-relay deletes the rows soon after. Only later INSERTs follow the setting;
+While the relay keeps up the table hardly grows for it (the old versions
+filled pages of their own before, dead until vacuum, and the relay deletes
+the rows soon after); a backlog that builds up while nothing is published
+takes up to twice the pages. Only later INSERTs follow the setting;
 ALTER TABLE ... SET (fillfactor) takes a SHARE UPDATE EXCLUSIVE lock, which
 writers, the relay and autovacuum do not wait for beyond the catalog change.
 """
