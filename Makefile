@@ -80,7 +80,9 @@ bench-db: services
 	if [ "$$(id -u)" = 0 ]; then as="runuser -u postgres --"; else as=""; fi; \
 	cd / && $$as psql -X -q -h "$$sock" -p $$port -d postgres -tAc \
 	  "SELECT 1 FROM pg_database WHERE datname = '$(BENCH_DB)'" | grep -q 1 || \
-	$$as psql -X -q -h "$$sock" -p $$port -d postgres -c "CREATE DATABASE $(BENCH_DB) OWNER outbox"
+	$$as psql -X -q -h "$$sock" -p $$port -d postgres -c "CREATE DATABASE $(BENCH_DB) OWNER outbox"; \
+	$$as psql -X -q -h "$$sock" -p $$port -d $(BENCH_DB) -c "CREATE EXTENSION IF NOT EXISTS pg_walinspect" \
+	  -c "GRANT EXECUTE ON FUNCTION pg_get_wal_stats(pg_lsn, pg_lsn, boolean) TO outbox"
 
 ## lint: ruff and mypy --strict on the library
 lint: venv

@@ -32,6 +32,7 @@ from bench import (
     scale_out,
     services,
     steady_cpu,
+    wal,
     write_cost,
 )
 from bench.env import BenchEnv
@@ -45,6 +46,7 @@ MEASUREMENTS: dict[str, Callable[[BenchEnv, Sizes], Section]] = {
     "relay": relay_throughput.run,
     "batch": batch_size.run,
     "cpu": steady_cpu.run,
+    "wal": wal.run,
     "backlog": backlog_scale.run,
     "latency": latency.run,
     "consumer": consumer_throughput.run,

@@ -23,11 +23,14 @@ class Row:
     limit_case: str = ""  # what the limit is, e.g. "same transactions, no outbox"
     target: float | None = None  # minimum ratio the kit aims for
     note: str = ""
+    lower_is_better: bool = False  # a cost (WAL, CPU): the ratio is limit / value
 
     @property
     def ratio(self) -> float | None:
         if self.value is None or self.limit is None or self.limit <= 0:
             return None
+        if self.lower_is_better:
+            return self.limit / self.value if self.value > 0 else None
         return self.value / self.limit
 
     @property

@@ -19,6 +19,9 @@ class Sizes:
     # 2d. relay CPU at a steady rate (each publisher, LISTEN and polling)
     steady_cpu_rate: int = 500  # events/s offered, one per transaction
     steady_cpu_seconds: float = 30.0
+    # 2e. WAL per event (transactions of 500; the one-event case writes a sixth of it)
+    wal_events: int = 30_000
+    wal_repeats: int = 2  # the least of these is reported
     # 3. backlog scale
     backlog_sizes: tuple[int, ...] = (10_000, 1_000_000, 10_000_000)
     backlog_measured: int = 100_000  # events drained and timed from each backlog
@@ -47,6 +50,8 @@ QUICK = Sizes(
     steady_seconds=15.0,
     steady_rate=500,
     steady_cpu_seconds=10.0,
+    wal_events=6_000,
+    wal_repeats=1,
     latency_loads=((200, 1, 10.0),),
     consumer_messages=4_000,
     scaleout_events=12_000,
