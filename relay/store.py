@@ -174,15 +174,27 @@ DELETE FROM {MEMBER} WHERE heartbeat_at < now() - make_interval(secs => %(ttl)s)
 
 _LIVE_MEMBERS = f"SELECT count(*) FROM {MEMBER}"
 
+# Every statement that locks several lease rows locks them in shard order
+# (a locking subquery, sorted: ORDER BY is applied before the rows are
+# locked), the fenced delete below included. An UPDATE alone locks in the
+# order its scan meets the rows, which is physical order and changes as the
+# rows are rewritten; against the delete's shard order, a renewal and a
+# delete of the same relay deadlocked now and then (issue 11's 1M run).
 _RENEW = f"""
 UPDATE {LEASE} SET expires_at = now() + make_interval(secs => %(ttl)s)
-WHERE owner = %(me)s AND expires_at > now()
+WHERE shard IN (
+    SELECT shard FROM {LEASE} WHERE owner = %(me)s AND expires_at > now()
+    ORDER BY shard FOR UPDATE
+)
 RETURNING shard, epoch
 """
 
 _RELEASE = f"""
 UPDATE {LEASE} SET owner = NULL, expires_at = NULL
-WHERE owner = %(me)s AND shard = ANY(%(shards)s)
+WHERE shard IN (
+    SELECT shard FROM {LEASE} WHERE owner = %(me)s AND shard = ANY(%(shards)s)
+    ORDER BY shard FOR UPDATE
+)
 """
 
 _CLAIM = f"""
@@ -217,6 +229,7 @@ WITH held AS (
     JOIN unnest(%(shards)s::smallint[], %(epochs)s::bigint[]) AS mine(shard, epoch)
       ON mine.shard = l.shard AND mine.epoch = l.epoch
     WHERE l.owner = %(me)s AND l.expires_at > now()
+    ORDER BY l.shard
     FOR SHARE OF l
 ), published AS (
     DELETE FROM {EVENT}

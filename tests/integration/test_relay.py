@@ -7,7 +7,9 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
+import psycopg
 import pytest
 from kafka.admin import KafkaAdminClient, NewTopic
 from sqlalchemy import Engine, func, select, text
@@ -16,9 +18,9 @@ from sqlalchemy.orm import Session
 import outbox
 from outbox.envelope import encode_headers
 from outbox.parked import list_parked, replay_parked
-from outbox.schema import outbox_event, outbox_parked
+from outbox.schema import SHARDS, outbox_event, outbox_parked
 from outbox.stats import outbox_stats
-from relay import RelayConfig
+from relay import RelayConfig, store
 from tests import services
 from tests.kafka_helpers import (
     first_occurrences,
@@ -397,3 +399,69 @@ def test_confluent_publisher_keeps_commit_order_and_the_same_envelope(
     assert received[0].headers["ce_specversion"] == b"1.0"
     key_of = {event_id: f"key-{i % 7}" for i, event_id in enumerate(ids)}
     _assert_in_commit_order(ids, first_occurrences(received), key_of)
+
+
+
+def _row_locked(conn: psycopg.Connection[Any], shard: int) -> bool:
+    try:
+        with conn.transaction():
+            conn.execute("SELECT 1 FROM outbox_relay_lease WHERE shard = %s FOR UPDATE NOWAIT", (shard,))
+    except psycopg.errors.LockNotAvailable:
+        return True
+    return False
+
+
+@pytest.mark.parametrize("statement", ["renewal", "fenced delete"])
+def test_lease_rows_are_locked_in_shard_order_whatever_their_order_on_disk(
+    clean_db: Engine, database_url: str, statement: str
+) -> None:
+    """The lease thread's renewal and the deleter's fenced delete lock the same
+    lease rows. The delete took them in shard order, the renewal in the order
+    its scan met them, which drifts as rows are rewritten: a 1M-event bench
+    run died of DeadlockDetected between the two. Stopped at shard 8 by a lock
+    held elsewhere, each must have taken 0-7 and none of 9-15, with the rows
+    stored in reverse shard order."""
+    with clean_db.begin() as conn:
+        conn.execute(text("DELETE FROM outbox_relay_member"))
+        conn.execute(text("UPDATE outbox_relay_lease SET owner = NULL, expires_at = NULL"))
+    me = f"order-{uuid.uuid4().hex[:8]}"
+    runner, holder, probe = (store.connect(database_url) for _ in range(3))
+    try:
+        leases, _ = store.heartbeat(runner, me, ttl=60, wanted_total=SHARDS)
+        assert len(leases) == SHARDS
+        with clean_db.begin() as conn:  # the same rows, stored in reverse shard order
+            rows = conn.execute(text("SELECT * FROM outbox_relay_lease")).mappings().all()
+            conn.execute(text("TRUNCATE outbox_relay_lease"))  # a new file: stored as inserted
+            conn.execute(text("INSERT INTO outbox_relay_lease (shard, owner, epoch, expires_at)"
+                              " VALUES (:shard, :owner, :epoch, :expires_at)"),
+                         sorted((dict(r) for r in rows), key=lambda r: -r["shard"]))
+            on_disk = conn.execute(text("SELECT shard FROM outbox_relay_lease ORDER BY ctid")).scalars().all()
+        assert on_disk == sorted(on_disk, reverse=True)
+        ids = [str(r[0]) for r in runner.execute(
+            "INSERT INTO outbox_event (id, position, topic, key, type, payload, content_type, created_at)"
+            " SELECT gen_random_uuid(), nextval('outbox_event_position_seq'), 't', 'k' || g, 't',"
+            " '\\x00', 'application/json', now() FROM generate_series(1, 200) g RETURNING id"
+        ).fetchall()]
+        holder.execute("BEGIN")
+        holder.execute("SELECT 1 FROM outbox_relay_lease WHERE shard = 8 FOR UPDATE")
+
+        def run() -> None:
+            if statement == "renewal":
+                store.heartbeat(runner, me, ttl=60, wanted_total=SHARDS)
+            else:
+                store.delete_published_fenced(runner, me, ids, leases)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        pid = runner.info.backend_pid
+        wait_until(lambda: probe.execute("SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = %s",
+                                         (pid,)).fetchone() == (True,), timeout=10, what=f"the {statement} to wait")
+        locked = {shard for shard in range(SHARDS) if shard != 8 and _row_locked(probe, shard)}
+        holder.execute("COMMIT")
+        thread.join(timeout=10)
+        assert locked == set(range(8))
+    finally:
+        holder.close()
+        store.leave(runner, me, list(range(SHARDS)))
+        runner.close()
+        probe.close()
