@@ -137,12 +137,7 @@ def _steady(env: BenchEnv, sizes: Sizes, section: Section) -> None:
         load = run_load(engine, topic=topic, rate=sizes.steady_rate,
                         seconds=sizes.steady_seconds, threads=4, on_progress=bar.reach)
         bar.finish(load.events)
-        # Let the relay finish the backlog, then one more sample.
-        deadline = time.monotonic() + 60
-        with env.connect() as conn:
-            while env.backlog(conn) and time.monotonic() < deadline:
-                relay.check_alive()
-                time.sleep(0.5)
+        procs.wait_drained(env, relay)  # then one more sample
         time.sleep(1.5)
     finally:
         stop.set()

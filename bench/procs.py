@@ -46,5 +46,16 @@ def wait_for_leases(env: BenchEnv, relays: list[Child], ids: list[str], timeout:
             time.sleep(0.2)
 
 
+def wait_drained(env: BenchEnv, relay: Child, timeout: float = 60.0) -> None:
+    """Until the relay has published the whole backlog; it must stay alive meanwhile."""
+    deadline = time.monotonic() + timeout
+    with env.connect() as conn:
+        while (left := env.backlog(conn)) > 0:
+            relay.check_alive()
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the relay left {left} events after {timeout}s")
+            time.sleep(0.2)
+
+
 def pids(children: list[Child]) -> set[int]:
     return {c.pid for c in children} | {os.getpid()}

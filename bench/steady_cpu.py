@@ -13,7 +13,6 @@ endpoint (`outbox_relay_batch_events`: one observation per batch sent).
 
 from __future__ import annotations
 
-import time
 import uuid
 from typing import Any
 
@@ -71,12 +70,12 @@ def _measure(env: BenchEnv, engine: Any, *, publisher: str, mode: str, listen: s
     try:
         procs.wait_for_leases(env, [relay], [relay_id])
         run_load(engine, topic=topic, rate=50, seconds=1.0, threads=1)  # warm: connections, metadata
-        _wait_drained(env, relay)
+        procs.wait_drained(env, relay)
         meter = CpuMeter(named={relay.pid: "relay"})
         rounds0, events0 = _batches(port)
         meter.start()
         load = run_load(engine, topic=topic, rate=rate, seconds=seconds, threads=4)
-        _wait_drained(env, relay)
+        procs.wait_drained(env, relay)
         usage = meter.stop()
         rounds1, events1 = _batches(port)
     finally:
@@ -93,16 +92,6 @@ def _measure(env: BenchEnv, engine: Any, *, publisher: str, mode: str, listen: s
         "cpu": {"busy_share": round(usage.busy_share, 3),
                 "cores_used": {k: round(v, 3) for k, v in usage.groups.items()}},
     }
-
-
-def _wait_drained(env: BenchEnv, relay: procs.Child, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    with env.connect() as conn:
-        while (left := env.backlog(conn)) > 0:
-            relay.check_alive()
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the relay left {left} events after {timeout}s")
-            time.sleep(0.2)
 
 
 def _batches(port: int) -> tuple[float, float]:

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import psycopg
@@ -170,22 +171,16 @@ def _walinspect(conn: psycopg.Connection[Any]) -> bool:
     return bool(row and row[0])
 
 
-class _fillfactor:
+@contextmanager
+def _fillfactor(conn: psycopg.Connection[Any], percent: int) -> Iterator[None]:
     """The outbox table's fillfactor set to `percent` for a block, then put back as it was."""
-
-    def __init__(self, conn: psycopg.Connection[Any], percent: int) -> None:
-        self._conn, self._percent, self._before = conn, percent, None
-
-    def __enter__(self) -> None:
-        row = self._conn.execute(
-            "SELECT option_value FROM pg_options_to_table((SELECT reloptions FROM pg_class "
-            "WHERE oid = 'outbox_event'::regclass)) WHERE option_name = 'fillfactor'"
-        ).fetchone()
-        self._before = row[0] if row else None
-        self._conn.execute(f"ALTER TABLE outbox_event SET (fillfactor = {int(self._percent)})")
-
-    def __exit__(self, *exc: object) -> None:
-        if self._before is None:
-            self._conn.execute("ALTER TABLE outbox_event RESET (fillfactor)")
-        else:
-            self._conn.execute(f"ALTER TABLE outbox_event SET (fillfactor = {int(self._before)})")
+    row = conn.execute(
+        "SELECT option_value FROM pg_options_to_table((SELECT reloptions FROM pg_class "
+        "WHERE oid = 'outbox_event'::regclass)) WHERE option_name = 'fillfactor'"
+    ).fetchone()
+    conn.execute(f"ALTER TABLE outbox_event SET (fillfactor = {int(percent)})")
+    try:
+        yield
+    finally:
+        conn.execute("ALTER TABLE outbox_event RESET (fillfactor)" if row is None
+                     else f"ALTER TABLE outbox_event SET (fillfactor = {int(row[0])})")
