@@ -95,8 +95,15 @@ def downgrade(
     """
     if sql and ":" not in revision:
         revision = f"{HEAD.split('@')[0]}@head:{revision}"
+    at = None if sql else current(url)
+    if not sql and at is None and not _has_version_table(url):
+        # Alembic would try to create its version table here and fail on
+        # privileges, or succeed and leave one behind in the wrong database.
+        raise SchemaError(
+            f"{safe_url(database_url(url))} has none of the kit's tables ({VERSION_TABLE} is missing): "
+            "nothing to downgrade; check --database-url / OUTBOX_DATABASE_URL"
+        )
     if not sql and not force:
-        at = current(url)
         tables = [t for script in _steps_down(at, revision) for t in _drops_data(script.module)]
         if tables:
             engine = create_engine(database_url(url))
@@ -170,6 +177,17 @@ def current(url: str | None = None) -> str | None:
     finally:
         engine.dispose()
     return heads[0] if heads else None
+
+
+def _has_version_table(url: str | None) -> bool:
+    engine = create_engine(database_url(url))
+    try:
+        with engine.connect() as conn:
+            return bool(conn.execute(text("SELECT to_regclass(:t) IS NOT NULL"), {"t": VERSION_TABLE}).scalar())
+    except Exception as exc:
+        raise _database_error(exc, url, "reading the schema version from") from exc
+    finally:
+        engine.dispose()
 
 
 def head() -> str:

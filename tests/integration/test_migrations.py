@@ -12,7 +12,7 @@ import sys
 from collections.abc import Iterator
 
 import pytest
-from sqlalchemy import Engine, inspect, text
+from sqlalchemy import Engine, create_engine, inspect, text
 
 from outbox import migrate
 from tests.kafka_helpers import REPO
@@ -44,6 +44,8 @@ def test_downgrade_then_upgrade_then_check(
     tables = set(inspect(at_head).get_table_names())
     assert not {"outbox_event", "outbox_inbox"} & tables
     assert "base" in outbox_cli(database_url, "db", "current").stdout
+    again = outbox_cli(database_url, "db", "downgrade")  # at base already: nothing to do
+    assert again.returncode == 0, again.stderr
 
     up = outbox_cli(database_url, "db", "upgrade")
     assert up.returncode == 0, up.stderr
@@ -356,3 +358,20 @@ def test_six_concurrent_upgrades_of_a_new_database_all_succeed(fresh_database: s
     assert [code for code, _ in results] == [0] * 6, results
     check = outbox_cli(fresh_database, "db", "check")
     assert check.returncode == 0, check.stderr
+
+
+def test_a_downgrade_of_a_database_without_the_kit_is_one_line_and_creates_nothing(
+    fresh_database: str,
+) -> None:
+    """Before, Alembic created its version table in the wrong database (or failed
+    on privileges with an error that did not say the database was wrong)."""
+    down = outbox_cli(fresh_database, "db", "downgrade")
+    assert down.returncode == 1
+    assert down.stderr.count("\n") == 1, down.stderr
+    assert "has none of the kit's tables" in down.stderr and "--database-url" in down.stderr
+    assert outbox_cli(fresh_database, "db", "current").stdout.strip().startswith("base")
+    engine = create_engine(fresh_database)
+    try:
+        assert inspect(engine).get_table_names() == []
+    finally:
+        engine.dispose()
